@@ -1,0 +1,9 @@
+.PHONY: install demo test bench
+install:
+	bash scripts/install.sh
+demo: install
+	.venv/bin/python examples/trl_demo.py
+test: install
+	.venv/bin/python -m pytest -q
+bench: install
+	.venv/bin/python benchmarks/run_all.py --quick

@@ -1,0 +1,38 @@
+"""grpo-plugins: the methods of recent GRPO papers as plugins for TRL and verl.
+
+Method authors need only::
+
+    from grpo_plugins import Method, hookimpl, option
+"""
+
+import pluggy
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("grpo_plugins")
+
+from grpo_plugins.batch import GRPOBatch, LossInputs, PromptRound  # noqa: E402
+from grpo_plugins.composition import Composition, LossParts, methods_from_config  # noqa: E402
+from grpo_plugins.config import NoConfig, option  # noqa: E402
+from grpo_plugins.errors import BatchError, CompositionError, ConfigError, GRPOPluginsError, PluginError  # noqa: E402
+from grpo_plugins.method import Method  # noqa: E402
+from grpo_plugins.parallel import ParallelContext  # noqa: E402
+
+__all__ = [
+    "BatchError",
+    "Composition",
+    "CompositionError",
+    "ConfigError",
+    "GRPOBatch",
+    "GRPOPluginsError",
+    "LossInputs",
+    "LossParts",
+    "Method",
+    "NoConfig",
+    "ParallelContext",
+    "PluginError",
+    "PromptRound",
+    "hookimpl",
+    "methods_from_config",
+    "option",
+]

@@ -1,0 +1,164 @@
+"""The trainer-neutral objects hooks receive. Adapters fill them; plugins never import a trainer.
+
+Shapes: ``P`` prompts in a round, ``N`` completions, ``G`` groups, ``T`` completion tokens,
+``K`` reward components, ``B`` rows of one loss micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from grpo_plugins.parallel import ParallelContext
+
+
+@dataclass(frozen=True)
+class PromptRound:
+    """One generation round being planned (``sample_prompts``, ``allocate_rollouts``, ``augment_prompts``).
+
+    Attributes:
+        num_prompts: ``P``, prompts the trainer draws for the round.
+        budget: completions the round generates in total (sum of the rollout counts).
+        dataset_size: number of prompts in the training dataset.
+        step: optimiser steps taken so far.
+        default_rollouts: completions per prompt the trainer would use on its own.
+    """
+
+    num_prompts: int
+    budget: int
+    dataset_size: int
+    step: int
+    default_rollouts: int
+
+
+@dataclass
+class GRPOBatch:
+    """The global generation batch of one step, as the advantage-stage hooks and ``observe`` see it.
+
+    Groups are formed by prompt id, never by position: completions of one prompt form one group
+    wherever they sit in the batch and however many there are.
+
+    Attributes:
+        prompt_ids: ``(N,)`` int64 dataset index of each completion's prompt.
+        rewards: ``(N,)`` float rewards (after ``shape_rewards`` once shaping has run).
+        reward_components: ``(N, K)`` float per-reward-function values; NaN where a function did not
+            apply. ``None`` when the trainer has a single scalar reward only.
+        reward_names: ``K`` names of the reward components.
+        reward_weights: ``(K,)`` weights the trainer uses to sum the components.
+        completion_ids: ``(N, T)`` int64 completion tokens, right-padded.
+        completion_mask: ``(N, T)`` float, 1 on real completion tokens.
+        old_log_probs: ``(N, T)`` behaviour-policy log-probs of the completion tokens, if known.
+        ref_log_probs: ``(N, T)`` reference-policy log-probs, if the trainer has a reference model.
+        prompts: ``N`` prompts (text or chat messages), if the trainer has them.
+        completions: ``N`` decoded completions, if the trainer has them.
+        rows: ``N`` dataset rows (dicts of every column), if the trainer has them.
+        step: optimiser steps taken so far.
+        parallel: data-parallel context (rank, world size, whether the batch is already global).
+        advantages: ``(N,)`` or ``(N, T)``, set once the advantage hooks have run.
+        token_weights: ``(N, T)`` product of the ``mask_tokens`` outputs (None when no method masks).
+        row_data: per-completion tensors (first dimension ``N``) that methods attach during the
+            advantage stage; adapters carry them with the rows to the loss stage (``LossInputs.row_data``).
+    """
+
+    prompt_ids: torch.Tensor
+    rewards: torch.Tensor
+    reward_components: torch.Tensor | None = None
+    reward_names: tuple[str, ...] = ()
+    reward_weights: torch.Tensor | None = None
+    completion_ids: torch.Tensor | None = None
+    completion_mask: torch.Tensor | None = None
+    old_log_probs: torch.Tensor | None = None
+    ref_log_probs: torch.Tensor | None = None
+    prompts: list[Any] | None = None
+    completions: list[Any] | None = None
+    rows: list[dict] | None = None
+    step: int = 0
+    parallel: ParallelContext = field(default_factory=ParallelContext)
+    advantages: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
+    row_data: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_completions(self) -> int:
+        """``N``."""
+        return int(self.prompt_ids.shape[0])
+
+    @cached_property
+    def _groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        unique_ids, inverse, counts = torch.unique(
+            self.prompt_ids, sorted=True, return_inverse=True, return_counts=True
+        )
+        return unique_ids, inverse, counts
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        """``(N,)`` int64 group of each completion, in ``[0, G)`` (groups ordered by prompt id)."""
+        return self._groups[1]
+
+    @property
+    def group_prompt_ids(self) -> torch.Tensor:
+        """``(G,)`` int64 prompt id of each group."""
+        return self._groups[0]
+
+    @property
+    def group_sizes(self) -> torch.Tensor:
+        """``(G,)`` int64 completions in each group."""
+        return self._groups[2]
+
+    @property
+    def num_groups(self) -> int:
+        """``G``."""
+        return int(self._groups[0].shape[0])
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """``(N, T)`` float completion mask; raises if the trainer gave no completion tokens."""
+        if self.completion_mask is None:
+            raise ValueError("this batch carries no completion tokens (completion_mask is None)")
+        return self.completion_mask.float()
+
+
+@dataclass
+class LossInputs:
+    """One loss micro-batch, as ``policy_surrogate``, ``gate_loss`` and ``loss_terms`` see it.
+
+    Rows are a shuffled slice of the generation batch: group-level quantities must have been
+    attached per row during the advantage stage (``GRPOBatch.row_data``).
+
+    Attributes:
+        log_probs: ``(B, T)`` current-policy log-probs of the completion tokens (with gradient).
+        old_log_probs: ``(B, T)`` behaviour-policy log-probs (equal to ``log_probs.detach()`` when
+            the trainer is fully on-policy).
+        advantages: ``(B, T)`` advantages broadcast to tokens.
+        mask: ``(B, T)`` float loss mask (completion mask times the methods' token masks).
+        ref_log_probs: ``(B, T)`` reference log-probs when the trainer has them.
+        entropies: ``(B, T)`` token entropies when the trainer computes them.
+        row_data: per-row tensors attached during the advantage stage (first dimension ``B``).
+        clip_low: the trainer's lower clip range (ratio clipped below at ``1 - clip_low``).
+        clip_high: the trainer's upper clip range (ratio clipped above at ``1 + clip_high``).
+        step: optimiser steps taken so far.
+    """
+
+    log_probs: torch.Tensor
+    old_log_probs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    ref_log_probs: torch.Tensor | None = None
+    entropies: torch.Tensor | None = None
+    row_data: dict[str, torch.Tensor] = field(default_factory=dict)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    step: int = 0
+
+    @property
+    def log_ratio(self) -> torch.Tensor:
+        """``(B, T)`` ``log_probs - old_log_probs``."""
+        return self.log_probs - self.old_log_probs
+
+    @property
+    def ratio(self) -> torch.Tensor:
+        """``(B, T)`` importance ratio ``exp(log_probs - old_log_probs)``."""
+        return torch.exp(self.log_ratio)

@@ -1,0 +1,115 @@
+"""Vectorised helpers shared by methods: segment (group) statistics over variable-size groups,
+masked token means, and batch-global statistics that are correct across data-parallel ranks.
+
+``index`` is always an ``(N,)`` int64 tensor of group ids in ``[0, G)``; groups may differ in size.
+No function here loops over completions or tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_plugins.parallel import ParallelContext
+
+
+def segment_sum(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Sum of ``values`` ``(N, ...)`` per group -> ``(G, ...)``."""
+    out = values.new_zeros((num_groups, *values.shape[1:]))
+    return out.index_add_(0, index, values)
+
+
+def segment_count(index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Number of members of each group -> ``(G,)`` int64."""
+    return torch.bincount(index, minlength=num_groups)
+
+
+def segment_mean(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Mean of ``values`` ``(N, ...)`` per group -> ``(G, ...)``; an empty group gives 0."""
+    counts = segment_count(index, num_groups).clamp(min=1).to(values.dtype)
+    return segment_sum(values, index, num_groups) / counts.view(-1, *([1] * (values.dim() - 1)))
+
+
+def segment_std(
+    values: torch.Tensor, index: torch.Tensor, num_groups: int, unbiased: bool = True
+) -> torch.Tensor:
+    """Standard deviation of ``values`` ``(N,)`` per group -> ``(G,)``.
+
+    ``unbiased`` divides by ``n - 1`` (torch's default). A group of one (or an empty group) has no
+    spread and gets 0, never NaN.
+    """
+    counts = segment_count(index, num_groups).to(values.dtype)
+    mean = segment_sum(values, index, num_groups) / counts.clamp(min=1)
+    squared = segment_sum((values - mean[index]) ** 2, index, num_groups)
+    dof = (counts - 1) if unbiased else counts
+    return torch.where(dof > 0, squared / dof.clamp(min=1), torch.zeros_like(squared)).sqrt()
+
+
+def segment_max(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Maximum of ``values`` ``(N,)`` per group -> ``(G,)``; an empty group gives -inf."""
+    out = values.new_full((num_groups,), float("-inf"))
+    return out.scatter_reduce(0, index, values, reduce="amax", include_self=True)
+
+
+def segment_min(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Minimum of ``values`` ``(N,)`` per group -> ``(G,)``; an empty group gives +inf."""
+    out = values.new_full((num_groups,), float("inf"))
+    return out.scatter_reduce(0, index, values, reduce="amin", include_self=True)
+
+
+def group_normalize(
+    rewards: torch.Tensor,
+    index: torch.Tensor,
+    num_groups: int,
+    scale_by_std: bool = True,
+    epsilon: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO's group-relative advantage ``(r - mean_g) / (std_g + epsilon)`` -> ``(N,)``.
+
+    ``rewards``: ``(N,)``; std is unbiased. With ``scale_by_std=False`` only the mean is removed
+    (Dr. GRPO).
+    """
+    centred = rewards - segment_mean(rewards, index, num_groups)[index]
+    if not scale_by_std:
+        return centred
+    return centred / (segment_std(rewards, index, num_groups)[index] + epsilon)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``values * mask`` over ``dim`` (all elements when ``None``)."""
+    weighted = values * mask
+    return weighted.sum() if dim is None else weighted.sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` ``(N, T)`` over the tokens where ``mask`` ``(N, T)`` is non-zero.
+
+    With ``dim=None`` one scalar over all tokens; with ``dim=-1`` one value per row ``(N,)``. Rows
+    (or batches) without any unmasked token give 0.
+    """
+    total = masked_sum(values, mask, dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=1)
+
+
+def global_masked_mean(values: torch.Tensor, mask: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
+    """Token mean of ``values`` ``(N, T)`` over ``mask`` across all data-parallel ranks -> scalar."""
+    sums = torch.stack([masked_sum(values, mask), mask.sum().to(values.dtype)])
+    total, count = parallel.all_reduce_sum(sums).unbind()
+    return total / count.clamp(min=1)
+
+
+def global_mean_std(
+    values: torch.Tensor, parallel: ParallelContext, unbiased: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of every element of ``values`` across all ranks -> two scalars.
+
+    Computed from global (count, sum, sum of squares about a shared shift) so that it equals the
+    single-process statistic of the concatenated batch. Fewer than two elements give std 0.
+    """
+    flat = values.reshape(-1)
+    count = parallel.all_reduce_sum(flat.new_tensor([flat.numel()]))[0]
+    mean = parallel.all_reduce_sum(flat.sum().reshape(1))[0] / count.clamp(min=1)
+    squared = parallel.all_reduce_sum(((flat - mean) ** 2).sum().reshape(1))[0]
+    dof = count - 1 if unbiased else count
+    std = torch.where(dof > 0, squared / dof.clamp(min=1), torch.zeros_like(squared)).sqrt()
+    return mean, std

@@ -1,0 +1,96 @@
+"""Discovery: methods are found through the ``grpo_plugins`` entry-point group.
+
+Installed is not enabled: discovery only lists what could be enabled; a run names what it enables.
+``GRPO_PLUGINS_DISABLED=name1,name2`` hides the named methods from discovery.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from importlib import metadata
+
+from grpo_plugins.errors import CompositionError
+from grpo_plugins.hookspecs import PROJECT
+
+ENTRY_POINT_GROUP = PROJECT
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """An installed method: its name, the distribution that ships it, and its entry point."""
+
+    name: str
+    distribution: str
+    version: str
+    entry_point: metadata.EntryPoint
+
+    def load(self) -> type:
+        """Import the method class, turning an import failure into an error naming the distribution."""
+        from grpo_plugins.method import Method
+
+        try:
+            cls = self.entry_point.load()
+        except Exception as error:
+            raise CompositionError(
+                f"method '{self.name}' (distribution {self.distribution}) failed to import from entry point "
+                f"'{self.entry_point.value}': {type(error).__name__}: {error}"
+            ) from error
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise CompositionError(
+                f"method '{self.name}' (distribution {self.distribution}): entry point '{self.entry_point.value}' "
+                "must name a grpo_plugins.Method subclass"
+            )
+        if cls.name != self.name:
+            raise CompositionError(
+                f"method '{self.name}' (distribution {self.distribution}): entry point name '{self.name}' "
+                f"differs from the class's name '{cls.name}'"
+            )
+        return cls
+
+
+def disabled_names() -> set[str]:
+    """Method names blocked by ``GRPO_PLUGINS_DISABLED`` (comma-separated)."""
+    return {name.strip() for name in os.environ.get("GRPO_PLUGINS_DISABLED", "").split(",") if name.strip()}
+
+
+def discover() -> tuple[dict[str, MethodInfo], dict[str, list[MethodInfo]]]:
+    """Installed methods by name, and the names that more than one distribution registers."""
+    found: dict[str, list[MethodInfo]] = {}
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist
+        info = MethodInfo(
+            name=entry_point.name,
+            distribution=dist.metadata["Name"] if dist else "<unknown>",
+            version=dist.version if dist else "",
+            entry_point=entry_point,
+        )
+        same = found.setdefault(info.name, [])
+        if all(other.distribution != info.distribution for other in same):
+            same.append(info)
+    blocked = disabled_names()
+    methods = {name: infos[0] for name, infos in found.items() if len(infos) == 1 and name not in blocked}
+    conflicts = {name: infos for name, infos in found.items() if len(infos) > 1}
+    return methods, conflicts
+
+
+def resolve(name: str) -> MethodInfo:
+    """The installed method called ``name``.
+
+    Raises:
+        CompositionError: the name is registered by two distributions (both named), is disabled by
+            ``GRPO_PLUGINS_DISABLED``, or is unknown (close names are suggested).
+    """
+    methods, conflicts = discover()
+    if name in conflicts:
+        dists = " and ".join(f"{i.distribution} ({i.entry_point.value})" for i in conflicts[name])
+        raise CompositionError(f"method name '{name}' is registered by two distributions: {dists}; uninstall one")
+    if name in methods:
+        return methods[name]
+    if name in disabled_names():
+        raise CompositionError(f"method '{name}' is disabled by GRPO_PLUGINS_DISABLED")
+    close = difflib.get_close_matches(name, list(methods), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    installed = ", ".join(sorted(methods)) or "none"
+    raise CompositionError(f"unknown method '{name}'{hint} (installed: {installed})")

@@ -1,0 +1,76 @@
+"""The author kit: a pytest plugin (registered under ``pytest11``) for testing method plugins.
+
+Fixtures:
+    ``grpo_batch``: a tiny synthetic global batch with uneven groups (sizes 3, 1, 4, 2), masks and
+        old/reference log-probs.
+    ``enable_methods``: builds a :class:`Composition` from a method list through real discovery,
+        for one test.
+Helpers:
+    :func:`make_batch`, :func:`run_advantage_stage`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pytest
+import torch
+
+from grpo_plugins.batch import GRPOBatch
+from grpo_plugins.composition import Composition
+
+
+def make_batch(
+    group_sizes: Sequence[int] = (3, 1, 4, 2),
+    num_tokens: int = 6,
+    rewards: Sequence[float] | torch.Tensor | None = None,
+    num_components: int = 1,
+    seed: int = 0,
+    **fields: Any,
+) -> GRPOBatch:
+    """A synthetic ``GRPOBatch``: groups of the given sizes (prompt ids 10, 11, ...), shuffled order.
+
+    Completion lengths vary in ``[1, num_tokens]``; rewards are 0/1 unless given; log-probs are
+    random negatives. Extra keyword arguments override fields.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.repeat_interleave(torch.arange(len(group_sizes)) + 10, torch.tensor(group_sizes))
+    order = torch.randperm(prompt_ids.numel(), generator=gen)
+    prompt_ids = prompt_ids[order]
+    n = prompt_ids.numel()
+    lengths = torch.randint(1, num_tokens + 1, (n,), generator=gen)
+    mask = (torch.arange(num_tokens) < lengths[:, None]).float()
+    components = torch.randint(0, 2, (n, num_components), generator=gen).float()
+    reward_tensor = components.sum(1) if rewards is None else torch.as_tensor(rewards, dtype=torch.float32)
+    batch = GRPOBatch(
+        prompt_ids=prompt_ids,
+        rewards=reward_tensor,
+        reward_components=components,
+        reward_names=tuple(f"reward_{k}" for k in range(num_components)),
+        reward_weights=torch.ones(num_components),
+        completion_ids=torch.randint(5, 50, (n, num_tokens), generator=gen) * mask.long(),
+        completion_mask=mask,
+        old_log_probs=-torch.rand(n, num_tokens, generator=gen) * 3 * mask,
+        ref_log_probs=-torch.rand(n, num_tokens, generator=gen) * 3 * mask,
+        rows=[{"prompt_id": int(i)} for i in prompt_ids],
+    )
+    for key, value in fields.items():
+        setattr(batch, key, value)
+    return batch
+
+
+def run_advantage_stage(methods: Sequence[Any], batch: GRPOBatch, **kwargs: Any) -> GRPOBatch:
+    """Enable ``methods`` (names, ``{name: config}``) and run the advantage-stage hooks on ``batch``."""
+    return Composition(methods, **kwargs).run_advantage_stage(batch)
+
+
+@pytest.fixture
+def grpo_batch() -> GRPOBatch:
+    """A tiny batch: groups of sizes 3, 1, 4, 2 in shuffled order, 6 tokens, 0/1 rewards."""
+    return make_batch()
+
+
+@pytest.fixture
+def enable_methods():
+    """``enable_methods(["spo", {"gtpo": {...}}])`` -> a Composition built through real discovery."""
+    return lambda methods, **kwargs: Composition(methods, **kwargs)

@@ -1,0 +1,109 @@
+"""Checks of batches (built by adapters) and of hook outputs (returned by methods)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from grpo_plugins.errors import BatchError
+
+_TOKEN_FIELDS = ("completion_ids", "completion_mask", "old_log_probs", "ref_log_probs")
+
+
+def validate_batch(batch: Any) -> None:
+    """Raise :class:`BatchError` naming what is wrong with a ``GRPOBatch``.
+
+    Checked: ``prompt_ids`` is ``(N,)`` integer with ``N > 0``; ``rewards`` is ``(N,)`` and finite;
+    ``reward_components`` is ``(N, K)``; token tensors are ``(N, T)`` and agree; the completion mask
+    keeps at least one token.
+    """
+    ids = batch.prompt_ids
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point:
+        raise BatchError(f"prompt_ids must be an (N,) integer tensor, got {_describe(ids)}")
+    n = ids.shape[0]
+    if n == 0:
+        raise BatchError("the batch is empty (no completions, so every group is empty)")
+    rewards = batch.rewards
+    if not isinstance(rewards, torch.Tensor) or tuple(rewards.shape) != (n,):
+        raise BatchError(f"rewards must be ({n},) to match prompt_ids, got {_describe(rewards)}")
+    bad = ~torch.isfinite(rewards)
+    if bad.any():
+        where = bad.nonzero().flatten()[:5].tolist()
+        raise BatchError(
+            f"rewards contain NaN/inf at completions {where} (prompt ids {ids[where].tolist()}); "
+            "fix the reward function or map a missing reward to a number"
+        )
+    comps = batch.reward_components
+    if comps is not None and (comps.dim() != 2 or comps.shape[0] != n):
+        raise BatchError(f"reward_components must be ({n}, K), got {_describe(comps)}")
+    shape = None
+    for name in _TOKEN_FIELDS:
+        value = getattr(batch, name)
+        if value is None:
+            continue
+        if value.dim() != 2 or value.shape[0] != n or (shape is not None and tuple(value.shape) != shape):
+            raise BatchError(f"{name} must be (N, T) = ({n}, T) like the other token tensors, got {_describe(value)}")
+        shape = tuple(value.shape)
+    if batch.completion_mask is not None and not bool(batch.completion_mask.gt(0).any()):
+        raise BatchError("completion_mask masks every token of the batch; nothing is left to learn from")
+
+
+def check_output(
+    output: Any,
+    shape: tuple | Sequence[tuple] | None = None,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    total: int | None = None,
+) -> str | None:
+    """What is wrong with a hook's tensor output, or None if it meets its contract.
+
+    ``shape``: the required shape, or a list of accepted shapes. ``integer``: an integer tensor.
+    ``low``/``high``: inclusive bounds. ``total``: the required sum. Floats must be finite.
+    """
+    if not isinstance(output, torch.Tensor):
+        return f"must return a torch.Tensor, got {type(output).__name__}"
+    if shape is not None:
+        accepted = [tuple(shape)] if shape and not isinstance(shape[0], (tuple, list)) else [tuple(s) for s in shape]
+        if tuple(output.shape) not in accepted:
+            return f"returned shape {tuple(output.shape)}, expected {' or '.join(str(s) for s in accepted)}"
+    if integer and output.dtype.is_floating_point:
+        if not torch.equal(output, output.round()):
+            return f"must return integers, got dtype {output.dtype} with fractional values"
+    if output.dtype.is_floating_point and not bool(torch.isfinite(output).all()):
+        return f"returned {int((~torch.isfinite(output)).sum())} NaN/inf value(s)"
+    if low is not None and output.numel() and bool((output < low).any()):
+        return f"returned values below {low} (min {output.min().item()})"
+    if high is not None and output.numel() and bool((output > high).any()):
+        return f"returned values above {high} (max {output.max().item()})"
+    if total is not None and int(output.sum()) != total:
+        return f"returned counts summing to {int(output.sum())}, expected the budget {total}"
+    return None
+
+
+def check_plain_state(state: Any, path: str = "state") -> str | None:
+    """Whether ``state`` holds only tensors and plain Python values; the first offending path otherwise."""
+    if state is None or isinstance(state, (torch.Tensor, bool, int, float, str)):
+        return None
+    if isinstance(state, (list, tuple)):
+        for i, item in enumerate(state):
+            problem = check_plain_state(item, f"{path}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(state, dict):
+        for key, item in state.items():
+            if not isinstance(key, (str, int)):
+                return f"{path} has a key of type {type(key).__name__}; use str or int keys"
+            problem = check_plain_state(item, f"{path}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    return f"{path} is a {type(state).__name__}; state may hold only tensors and plain Python values"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
