@@ -163,7 +163,8 @@ class Composition:
         for hook in hookspecs.HOOK_NAMES:
             found = getattr(self._manager.hook, hook).get_hookimpls()
             ranked = sorted(found, key=lambda impl: order[impl.plugin_name])
-            impls[hook] = [(self._entry(impl.plugin_name), impl) for impl in ranked]
+            entries = [(self._entry(impl.plugin_name), impl) for impl in ranked]
+            impls[hook] = [(e, impl) for e, impl in entries if hook not in e.method.disabled_hooks()]
         return impls
 
     def _check_single_providers(self) -> None:

@@ -33,6 +33,11 @@ class Method:
         """First line of the class docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
+    def disabled_hooks(self) -> set[str]:
+        """Hooks this instance switches off under its config (e.g. to leave a single-provider slot to
+        another method). The default keeps every implemented hook on."""
+        return set()
+
     def log_metric(self, key: str, value: float | torch.Tensor) -> None:
         """Record a metric; adapters log it as ``plugins/<method>/<key>`` at the trainer's next log."""
         self._metrics[key] = float(value)
