@@ -17,6 +17,7 @@ from grpo_plugins.config import NoConfig, option  # noqa: E402
 from grpo_plugins.errors import BatchError, CompositionError, ConfigError, GRPOPluginsError, PluginError  # noqa: E402
 from grpo_plugins.method import Method  # noqa: E402
 from grpo_plugins.parallel import ParallelContext  # noqa: E402
+from grpo_plugins.prompt_table import PromptTable  # noqa: E402
 
 __all__ = [
     "BatchError",
@@ -32,6 +33,7 @@ __all__ = [
     "ParallelContext",
     "PluginError",
     "PromptRound",
+    "PromptTable",
     "hookimpl",
     "methods_from_config",
     "option",

@@ -133,7 +133,9 @@ class LossInputs:
         old_log_probs: ``(B, T)`` behaviour-policy log-probs (equal to ``log_probs.detach()`` when
             the trainer is fully on-policy).
         advantages: ``(B, T)`` advantages broadcast to tokens.
-        mask: ``(B, T)`` float loss mask (completion mask times the methods' token masks).
+        mask: ``(B, T)`` 0/1 loss mask: the completion mask times the keep-masks (weight > 0) of the
+            ``mask_tokens`` methods. Non-binary token weights scale the per-token policy loss after
+            the loss hooks (adapters fold them into the advantages when the trainer's own loss runs).
         ref_log_probs: ``(B, T)`` reference log-probs when the trainer has them.
         entropies: ``(B, T)`` token entropies when the trainer computes them.
         row_data: per-row tensors attached during the advantage stage (first dimension ``B``).

@@ -37,8 +37,7 @@ def method_records() -> list[dict[str, Any]]:
 def cmd_list(args: argparse.Namespace) -> int:
     records = method_records()
     if args.json:
-        for record in records:
-            print(json.dumps(record))
+        print(json.dumps(records, indent=2))
         return 0
     for r in records:
         status = f"  ERROR: {r['error']}" if "error" in r else ""
@@ -67,8 +66,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    with open(args.config) as handle:
-        config = yaml.safe_load(handle) or {}
+    try:
+        with open(args.config) as handle:
+            config = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as error:
+        print(f"error: cannot read {args.config}: {error}", file=sys.stderr)
+        return 1
+    if not isinstance(config, dict):
+        print(f"error: {args.config} must hold a mapping with a 'grpo_plugins:' list", file=sys.stderr)
+        return 1
     composition = Composition(methods_from_config(config))
     print(f"{args.config}: OK, {len(composition.user_methods)} method(s) composed in this order:")
     print(composition.describe())
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="grpo-plugins", description="GRPO method plugins: list, inspect, validate.")
     sub = parser.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="every installed method, its version, hooks and paper link")
-    listing.add_argument("--json", action="store_true", help="one JSON object per method")
+    listing.add_argument("--json", action="store_true", help="a JSON list with one object per method")
     listing.set_defaults(run=cmd_list)
     show = sub.add_parser("show", help="a method's config fields with defaults and help")
     show.add_argument("name")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -61,6 +62,8 @@ def parse_specs(specs: Iterable[MethodSpec] | None) -> list[tuple[str, Any]]:
     parsed: list[tuple[str, Any]] = []
     for item in specs or ():
         if isinstance(item, Method):
+            if not item.name:
+                raise CompositionError(f"method object {type(item).__name__} has no name: set the class attribute `name`")
             parsed.append((item.name, item))
         elif isinstance(item, str):
             parsed.append((item, {}))
@@ -122,13 +125,15 @@ class Composition:
     # ----------------------------------------------------------------- construction
     @staticmethod
     def _instantiate(name: str, spec: Any, defaults: Mapping[str, Mapping]) -> EnabledMethod:
+        from grpo_plugins import __version__
+        from grpo_plugins.default import GRPO
+
         if isinstance(spec, Method):
+            if type(spec) is GRPO:  # the built-in default, configured by hand
+                return EnabledMethod(name, BUILTIN_DISTRIBUTION, __version__, spec, builtin=True)
             module = type(spec).__module__.split(".")[0]
             return EnabledMethod(name, f"<object from {module}>", "", spec)
         if name == "grpo":
-            from grpo_plugins import __version__
-            from grpo_plugins.default import GRPO
-
             cls, distribution, version, builtin = GRPO, BUILTIN_DISTRIBUTION, __version__, True
         else:
             info = resolve(name)
@@ -163,6 +168,13 @@ class Composition:
         for hook in hookspecs.HOOK_NAMES:
             found = getattr(self._manager.hook, hook).get_hookimpls()
             ranked = sorted(found, key=lambda impl: order[impl.plugin_name])
+            for impl in ranked:
+                if impl.hookwrapper or impl.wrapper:
+                    entry = self._entry(impl.plugin_name)
+                    raise CompositionError(
+                        f"method '{entry.name}' (distribution {entry.distribution}): hook '{hook}' is declared as a "
+                        "pluggy wrapper; grpo_plugins calls plain hook implementations only (use @hookimpl)"
+                    )
             entries = [(self._entry(impl.plugin_name), impl) for impl in ranked]
             impls[hook] = [(e, impl) for e, impl in entries if hook not in e.method.disabled_hooks()]
         return impls
@@ -209,14 +221,20 @@ class Composition:
     # ----------------------------------------------------------------- calling
     def _call(self, hook: str, entry: EnabledMethod, impl: Any, **kwargs: Any) -> Any:
         args = {name: kwargs[name] for name in impl.argnames}
-        if self._trace:
-            print(f"[grpo_plugins] {hook} -> {entry.name}", file=sys.stderr)
+        start = time.perf_counter() if self._trace else 0.0
         try:
-            return impl.function(**args)
-        except GRPOPluginsError:
+            output = impl.function(**args)
+        except PluginError:
             raise
         except Exception as error:
             raise PluginError(entry.name, hook, entry.distribution, f"raised {type(error).__name__}: {error}") from error
+        if self._trace:
+            elapsed = (time.perf_counter() - start) * 1e3
+            print(
+                f"[grpo_plugins] {hook} <- {entry.name} ({entry.distribution}): {_summary(output)} in {elapsed:.2f} ms",
+                file=sys.stderr,
+            )
+        return output
 
     def _checked(self, hook: str, entry: EnabledMethod, impl: Any, expect: dict, **kwargs: Any) -> Any:
         output = self._call(hook, entry, impl, **kwargs)
@@ -347,13 +365,21 @@ class Composition:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; state of a method this run does not enable is an error."""
+        """Restore :meth:`state_dict`'s output.
+
+        State of a method this run does not enable is an error; a method the checkpoint holds no
+        state for keeps its fresh state (with a warning when it has state to lose).
+        """
         unknown = sorted(set(state) - set(self.names))
         if unknown:
             raise CompositionError(f"checkpoint holds state of method(s) {unknown} that this run does not enable")
         for entry in self.enabled:
+            if entry.name not in state:
+                if entry.method.state_dict():
+                    logger.warning("checkpoint holds no state of method '%s': it starts fresh", entry.name)
+                continue
             try:
-                entry.method.load_state_dict(dict(state.get(entry.name, {})))
+                entry.method.load_state_dict(dict(state[entry.name]))
             except GRPOPluginsError:
                 raise
             except Exception as error:
@@ -374,6 +400,17 @@ class Composition:
             hooks = [h for h in hookspecs.HOOK_NAMES if entry.name in self.providers(h)]
             lines.append(f"{entry.name} ({entry.distribution} {entry.version}): {', '.join(hooks) or 'no active hook'}")
         return "\n".join(lines)
+
+
+def _summary(output: Any) -> str:
+    """A short description of a hook's output for the trace."""
+    if isinstance(output, torch.Tensor):
+        return f"tensor {tuple(output.shape)} {str(output.dtype).replace('torch.', '')}"
+    if isinstance(output, Mapping):
+        return "{" + ", ".join(f"{k}: {_summary(v)}" for k, v in output.items()) + "}"
+    if isinstance(output, list):
+        return f"list of {len(output)}"
+    return type(output).__name__
 
 
 def hooks_of(cls: type) -> list[str]:

@@ -10,6 +10,7 @@ Every field is declared with :func:`option`, which records its help text and the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Literal, Mapping, Union
@@ -51,16 +52,18 @@ def build_config(config_cls: type, values: Mapping[str, Any] | None, method: str
     Raises:
         ConfigError: an unknown key (the message lists the valid fields) or a value of the wrong type.
     """
-    values = dict(values or {})
     if isinstance(values, config_cls):
         return values
+    values = dict(values or {})
     hints = typing.get_type_hints(config_cls)
     fields = {f.name for f in dataclasses.fields(config_cls)}
     where = f"method '{method}' (distribution {distribution})"
     unknown = sorted(set(values) - fields)
     if unknown:
         valid = ", ".join(sorted(fields)) or "none: this method takes no options"
-        raise ConfigError(f"{where}: unknown config key(s) {unknown}; valid fields: {valid}")
+        close = [c for key in unknown for c in difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)]
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"{where}: unknown config key(s) {unknown}{hint}; valid fields: {valid}")
     checked = {}
     for key, value in values.items():
         ok, converted = _check(value, hints[key])
@@ -83,7 +86,7 @@ def _check(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is Any:
         return True, value
     if origin is Literal:
-        return value in args, value
+        return any(value == arg and type(value) is type(arg) for arg in args), value
     if origin in (Union, types.UnionType):
         for arg in args:
             ok, converted = _check(value, arg)
@@ -109,6 +112,8 @@ def _check(value: Any, annotation: Any) -> tuple[bool, Any]:
             return False, value
         results = [_check(item, item_type) for item, item_type in zip(value, item_types)]
         return all(ok for ok, _ in results), tuple(converted for _, converted in results)
+    if origin is not None:  # another parameterised generic (e.g. dict[str, float]): check the container only
+        return isinstance(value, origin), value
     return isinstance(value, annotation), value
 
 

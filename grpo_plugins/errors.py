@@ -21,5 +21,8 @@ class PluginError(GRPOPluginsError):
     """A method's hook raised, or returned an output that breaks the hook's contract."""
 
     def __init__(self, method: str, hook: str, distribution: str, message: str):
-        self.method, self.hook, self.distribution = method, hook, distribution
+        self.method, self.hook, self.distribution, self.message = method, hook, distribution, message
         super().__init__(f"method '{method}' (distribution {distribution}), hook '{hook}': {message}")
+
+    def __reduce__(self):  # picklable, so it crosses process boundaries (Ray workers, spawn) intact
+        return type(self), (self.method, self.hook, self.distribution, self.message)

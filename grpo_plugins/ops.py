@@ -15,18 +15,35 @@ from grpo_plugins.parallel import ParallelContext
 def segment_sum(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Sum of ``values`` ``(N, ...)`` per group -> ``(G, ...)``."""
     out = values.new_zeros((num_groups, *values.shape[1:]))
+    if values.dim() == 1:  # scatter_add_ is several times faster than index_add_ on 1-D CPU tensors
+        return out.scatter_add_(0, index, values)
     return out.index_add_(0, index, values)
 
 
 def segment_count(index: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Number of members of each group -> ``(G,)`` int64."""
-    return torch.bincount(index, minlength=num_groups)
+    ones = torch.ones((), dtype=torch.long, device=index.device).expand(index.shape[0])
+    return torch.zeros(num_groups, dtype=torch.long, device=index.device).scatter_add_(0, index, ones)
 
 
 def segment_mean(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Mean of ``values`` ``(N, ...)`` per group -> ``(G, ...)``; an empty group gives 0."""
     counts = segment_count(index, num_groups).clamp(min=1).to(values.dtype)
     return segment_sum(values, index, num_groups) / counts.view(-1, *([1] * (values.dim() - 1)))
+
+
+def _centre(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G,)`` group sizes (in ``values``' dtype) and ``(N,)`` values minus their group's mean."""
+    counts = segment_count(index, num_groups).to(values.dtype)
+    mean = segment_sum(values, index, num_groups) / counts.clamp(min=1)
+    return counts, values - mean.index_select(0, index)
+
+
+def _std(counts: torch.Tensor, centred: torch.Tensor, index: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """``(G,)`` standard deviation from group sizes and centred values; 0 without spread."""
+    squared = segment_sum(centred**2, index, counts.shape[0])
+    dof = (counts - 1) if unbiased else counts
+    return torch.where(dof > 0, squared / dof.clamp(min=1), torch.zeros_like(squared)).sqrt()
 
 
 def segment_std(
@@ -37,23 +54,20 @@ def segment_std(
     ``unbiased`` divides by ``n - 1`` (torch's default). A group of one (or an empty group) has no
     spread and gets 0, never NaN.
     """
-    counts = segment_count(index, num_groups).to(values.dtype)
-    mean = segment_sum(values, index, num_groups) / counts.clamp(min=1)
-    squared = segment_sum((values - mean[index]) ** 2, index, num_groups)
-    dof = (counts - 1) if unbiased else counts
-    return torch.where(dof > 0, squared / dof.clamp(min=1), torch.zeros_like(squared)).sqrt()
+    counts, centred = _centre(values, index, num_groups)
+    return _std(counts, centred, index, unbiased)
 
 
 def segment_max(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Maximum of ``values`` ``(N,)`` per group -> ``(G,)``; an empty group gives -inf."""
     out = values.new_full((num_groups,), float("-inf"))
-    return out.scatter_reduce(0, index, values, reduce="amax", include_self=True)
+    return out.scatter_reduce_(0, index, values, reduce="amax", include_self=True)
 
 
 def segment_min(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Minimum of ``values`` ``(N,)`` per group -> ``(G,)``; an empty group gives +inf."""
     out = values.new_full((num_groups,), float("inf"))
-    return out.scatter_reduce(0, index, values, reduce="amin", include_self=True)
+    return out.scatter_reduce_(0, index, values, reduce="amin", include_self=True)
 
 
 def group_normalize(
@@ -68,10 +82,10 @@ def group_normalize(
     ``rewards``: ``(N,)``; std is unbiased. With ``scale_by_std=False`` only the mean is removed
     (Dr. GRPO).
     """
-    centred = rewards - segment_mean(rewards, index, num_groups)[index]
+    counts, centred = _centre(rewards, index, num_groups)
     if not scale_by_std:
         return centred
-    return centred / (segment_std(rewards, index, num_groups)[index] + epsilon)
+    return centred / (_std(counts, centred, index, unbiased=True).index_select(0, index) + epsilon)
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

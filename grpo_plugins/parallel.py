@@ -32,9 +32,13 @@ class ParallelContext:
         return cls(gathered=gathered)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over ranks (a copy; the input is untouched). Every rank must call it."""
+        """Sum ``tensor`` over ranks (a copy; the input is untouched). Every rank must call it.
+
+        The gradient flows to this rank's own contribution, as in a single process: the other
+        ranks' share enters as a constant.
+        """
         if self.gathered or self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
             return tensor
         total = tensor.detach().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
+        return total + (tensor - tensor.detach()) if tensor.requires_grad else total

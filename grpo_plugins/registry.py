@@ -1,7 +1,8 @@
 """Discovery: methods are found through the ``grpo_plugins`` entry-point group.
 
 Installed is not enabled: discovery only lists what could be enabled; a run names what it enables.
-``GRPO_PLUGINS_DISABLED=name1,name2`` hides the named methods from discovery.
+``GRPO_PLUGINS_DISABLED=name1,name2`` hides the named methods from discovery;
+``GRPO_PLUGINS_LOAD=name1,name2`` hides every method it does not name (set but empty: all of them).
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ def disabled_names() -> set[str]:
     return {name.strip() for name in os.environ.get("GRPO_PLUGINS_DISABLED", "").split(",") if name.strip()}
 
 
+def blocked_by(name: str) -> str | None:
+    """The environment variable that hides method ``name`` from discovery, or None."""
+    if name in disabled_names():
+        return "GRPO_PLUGINS_DISABLED"
+    load = os.environ.get("GRPO_PLUGINS_LOAD")
+    if load is not None and name not in {n.strip() for n in load.split(",")}:
+        return "GRPO_PLUGINS_LOAD"
+    return None
+
+
 def discover() -> tuple[dict[str, MethodInfo], dict[str, list[MethodInfo]]]:
     """Installed methods by name, and the names that more than one distribution registers."""
     found: dict[str, list[MethodInfo]] = {}
@@ -69,9 +80,9 @@ def discover() -> tuple[dict[str, MethodInfo], dict[str, list[MethodInfo]]]:
         same = found.setdefault(info.name, [])
         if all(other.distribution != info.distribution for other in same):
             same.append(info)
-    blocked = disabled_names()
-    methods = {name: infos[0] for name, infos in found.items() if len(infos) == 1 and name not in blocked}
-    conflicts = {name: infos for name, infos in found.items() if len(infos) > 1}
+    found = {name: infos for name, infos in found.items() if blocked_by(name) is None}
+    methods = {name: infos[0] for name, infos in found.items() if len(infos) == 1}
+    conflicts = {name: sorted(infos, key=lambda i: i.distribution) for name, infos in found.items() if len(infos) > 1}
     return methods, conflicts
 
 
@@ -79,8 +90,8 @@ def resolve(name: str) -> MethodInfo:
     """The installed method called ``name``.
 
     Raises:
-        CompositionError: the name is registered by two distributions (both named), is disabled by
-            ``GRPO_PLUGINS_DISABLED``, or is unknown (close names are suggested).
+        CompositionError: the name is registered by two distributions (both named), is hidden by
+            ``GRPO_PLUGINS_DISABLED`` / ``GRPO_PLUGINS_LOAD``, or is unknown (close names are suggested).
     """
     methods, conflicts = discover()
     if name in conflicts:
@@ -88,8 +99,11 @@ def resolve(name: str) -> MethodInfo:
         raise CompositionError(f"method name '{name}' is registered by two distributions: {dists}; uninstall one")
     if name in methods:
         return methods[name]
-    if name in disabled_names():
+    variable = blocked_by(name)
+    if variable == "GRPO_PLUGINS_DISABLED":
         raise CompositionError(f"method '{name}' is disabled by GRPO_PLUGINS_DISABLED")
+    if variable == "GRPO_PLUGINS_LOAD":
+        raise CompositionError(f"method '{name}' is not listed in GRPO_PLUGINS_LOAD, which hides every other method")
     close = difflib.get_close_matches(name, list(methods), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     installed = ", ".join(sorted(methods)) or "none"

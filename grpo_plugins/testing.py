@@ -11,6 +11,7 @@ Helpers:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import pytest
@@ -26,17 +27,25 @@ def make_batch(
     rewards: Sequence[float] | torch.Tensor | None = None,
     num_components: int = 1,
     seed: int = 0,
+    shuffle: bool = True,
     **fields: Any,
 ) -> GRPOBatch:
-    """A synthetic ``GRPOBatch``: groups of the given sizes (prompt ids 10, 11, ...), shuffled order.
+    """A synthetic ``GRPOBatch``: groups of the given sizes (prompt ids 10, 11, ...).
 
+    With ``shuffle`` (the default) the completions are in random order, so a method cannot rely on
+    groups being contiguous; ``rewards`` are then read in that batch order (see ``batch.prompt_ids``).
+    With ``shuffle=False`` the groups are contiguous in the order of ``group_sizes``.
     Completion lengths vary in ``[1, num_tokens]``; rewards are 0/1 unless given; log-probs are
-    random negatives. Extra keyword arguments override fields.
+    random negatives. Extra keyword arguments override ``GRPOBatch`` fields.
     """
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(GRPOBatch)})
+    if unknown:
+        raise TypeError(f"make_batch: {unknown} are not GRPOBatch fields")
     gen = torch.Generator().manual_seed(seed)
     prompt_ids = torch.repeat_interleave(torch.arange(len(group_sizes)) + 10, torch.tensor(group_sizes))
     order = torch.randperm(prompt_ids.numel(), generator=gen)
-    prompt_ids = prompt_ids[order]
+    if shuffle:
+        prompt_ids = prompt_ids[order]
     n = prompt_ids.numel()
     lengths = torch.randint(1, num_tokens + 1, (n,), generator=gen)
     mask = (torch.arange(num_tokens) < lengths[:, None]).float()

@@ -15,8 +15,9 @@ def validate_batch(batch: Any) -> None:
     """Raise :class:`BatchError` naming what is wrong with a ``GRPOBatch``.
 
     Checked: ``prompt_ids`` is ``(N,)`` integer with ``N > 0``; ``rewards`` is ``(N,)`` and finite;
-    ``reward_components`` is ``(N, K)``; token tensors are ``(N, T)`` and agree; the completion mask
-    keeps at least one token.
+    ``reward_components`` is ``(N, K)`` and ``reward_weights`` ``(K,)``; token tensors are ``(N, T)``
+    and agree; ``prompts`` / ``completions`` / ``rows`` hold ``N`` items; the completion mask keeps
+    at least one token.
     """
     ids = batch.prompt_ids
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point:
@@ -35,16 +36,23 @@ def validate_batch(batch: Any) -> None:
             "fix the reward function or map a missing reward to a number"
         )
     comps = batch.reward_components
-    if comps is not None and (comps.dim() != 2 or comps.shape[0] != n):
+    if comps is not None and (not isinstance(comps, torch.Tensor) or comps.dim() != 2 or comps.shape[0] != n):
         raise BatchError(f"reward_components must be ({n}, K), got {_describe(comps)}")
+    weights = batch.reward_weights
+    if comps is not None and weights is not None and tuple(weights.shape) != (comps.shape[1],):
+        raise BatchError(f"reward_weights must be (K,) = ({comps.shape[1]},) like reward_components, got {_describe(weights)}")
     shape = None
     for name in _TOKEN_FIELDS:
         value = getattr(batch, name)
         if value is None:
             continue
-        if value.dim() != 2 or value.shape[0] != n or (shape is not None and tuple(value.shape) != shape):
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.shape[0] != n or (shape is not None and tuple(value.shape) != shape):
             raise BatchError(f"{name} must be (N, T) = ({n}, T) like the other token tensors, got {_describe(value)}")
         shape = tuple(value.shape)
+    for name in ("prompts", "completions", "rows"):
+        value = getattr(batch, name)
+        if value is not None and len(value) != n:
+            raise BatchError(f"{name} must hold N={n} items like prompt_ids, got {len(value)}")
     if batch.completion_mask is not None and not bool(batch.completion_mask.gt(0).any()):
         raise BatchError("completion_mask masks every token of the batch; nothing is left to learn from")
 
@@ -65,14 +73,16 @@ def check_output(
     if not isinstance(output, torch.Tensor):
         return f"must return a torch.Tensor, got {type(output).__name__}"
     if shape is not None:
-        accepted = [tuple(shape)] if shape and not isinstance(shape[0], (tuple, list)) else [tuple(s) for s in shape]
+        several = len(shape) > 0 and isinstance(shape[0], (tuple, list))
+        accepted = [tuple(s) for s in shape] if several else [tuple(shape)]
         if tuple(output.shape) not in accepted:
             return f"returned shape {tuple(output.shape)}, expected {' or '.join(str(s) for s in accepted)}"
-    if integer and output.dtype.is_floating_point:
-        if not torch.equal(output, output.round()):
-            return f"must return integers, got dtype {output.dtype} with fractional values"
     if output.dtype.is_floating_point and not bool(torch.isfinite(output).all()):
         return f"returned {int((~torch.isfinite(output)).sum())} NaN/inf value(s)"
+    if integer and output.dtype == torch.bool:
+        return "must return integers, got a bool tensor"
+    if integer and output.dtype.is_floating_point and not torch.equal(output, output.round()):
+        return f"must return integers, got dtype {output.dtype} with fractional values"
     if low is not None and output.numel() and bool((output < low).any()):
         return f"returned values below {low} (min {output.min().item()})"
     if high is not None and output.numel() and bool((output > high).any()):

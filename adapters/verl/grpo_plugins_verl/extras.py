@@ -1,0 +1,70 @@
+"""Per-row data for the advantage stage beyond what verl hands an estimator.
+
+verl calls an advantage estimator with rewards, the response mask and the uid only. The
+``grpo_plugins`` trainer fetches more from TransferQueue for the same rows (same keys, same order)
+just before verl's advantage step, so methods can read completion tokens, behaviour and reference
+log-probs, prompts and per-reward-function scores. Shapes: ``B`` rows, ``T`` response tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import torch
+
+TOKEN_FIELDS = {"responses": "completion_ids", "old_log_probs": "old_log_probs", "ref_log_prob": "ref_log_probs"}
+"""TransferQueue field -> ``GRPOBatch`` field, for the ``(B, T)`` response-aligned tensors."""
+ROW_FIELDS = ("extra_fields", "raw_prompt")
+"""TransferQueue fields read per row: reward-function extra info and the chat prompt."""
+
+
+def _plain(value: Any) -> Any:
+    return getattr(value, "data", value)  # NonTensorData -> its payload
+
+
+def reward_components(
+    infos: Sequence[dict], names: Sequence[str] | None = None
+) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+    """``(B, K)`` float reward components from each row's ``reward_extra_info`` dict, and their names.
+
+    ``names`` picks the components (``algorithm.grpo_plugins_reward_keys``); by default every
+    numeric entry, in sorted order. A row without an entry gets NaN (not applicable).
+    """
+    if names is None:
+        names = sorted({k for info in infos for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not names:
+        return None, ()
+    rows = [[float(info[name]) if isinstance(info.get(name), (int, float)) else math.nan for name in names] for info in infos]
+    return torch.tensor(rows, dtype=torch.float32), tuple(names)
+
+
+def batch_extras(
+    data: Any, reward_keys: Iterable[str] | None = None, reward_weights: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """``GRPOBatch`` fields from a TransferQueue ``TensorDict`` of the advantage-stage rows.
+
+    Returns a dict with any of ``completion_ids``/``old_log_probs``/``ref_log_probs`` ``(B, T)``,
+    ``reward_components`` ``(B, K)`` + ``reward_names`` (+ ``reward_weights`` ``(K,)`` when given,
+    in the order of ``reward_keys``), and ``prompts`` (``B`` chat prompts).
+    """
+    extras: dict[str, Any] = {}
+    present = [key for key in TOKEN_FIELDS if key in data.keys()]
+    if present:
+        padded = data.select(*present).to_padded_tensor()
+        for key in present:
+            extras[TOKEN_FIELDS[key]] = padded[key]
+    if "extra_fields" in data.keys():
+        infos = [(_plain(row) or {}).get("reward_extra_info", {}) or {} for row in data["extra_fields"]]
+        components, names = reward_components(infos, None if reward_keys is None else list(reward_keys))
+        if components is not None:
+            extras["reward_components"], extras["reward_names"] = components, names
+            if reward_weights is not None:
+                if reward_keys is None or len(list(reward_weights)) != len(names):
+                    raise ValueError(
+                        f"reward weights {list(reward_weights)} need reward keys of the same length, got {reward_keys}"
+                    )
+                extras["reward_weights"] = torch.tensor([float(w) for w in reward_weights], dtype=torch.float32)
+    if "raw_prompt" in data.keys():
+        extras["prompts"] = [_plain(row) for row in data["raw_prompt"]]
+    return extras

@@ -1,0 +1,132 @@
+"""The run's composition in one verl process, shared by the estimator, the loss and the trainer.
+
+verl calls the registered estimator and policy loss as plain functions, so the composition lives
+here, built once per process from the run's method list (see :mod:`grpo_plugins_verl.settings`).
+In the driver process the trainer and the estimator share the same instance (same method list,
+same defaults), so state updated by ``observe`` is the state the next advantage stage sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from grpo_plugins import Composition, GRPOBatch, Method
+from grpo_plugins.composition import parse_specs
+from grpo_plugins.default import GRPO
+
+from grpo_plugins_verl.exact_grpo import VerlGRPO
+from grpo_plugins_verl.settings import grpo_defaults, methods_from
+
+logger = logging.getLogger("grpo_plugins_verl")
+
+
+def build_composition(methods: Sequence[Any], defaults: Mapping[str, Mapping] | None = None) -> Composition:
+    """``Composition(methods, defaults)``, with verl's GRPO arithmetic when the built-in ``grpo`` estimates.
+
+    When no enabled method provides ``compute_advantages``, the built-in ``grpo`` is swapped for
+    :class:`~grpo_plugins_verl.exact_grpo.VerlGRPO` (same config) so that a run with no method
+    reproduces verl's ``grpo`` estimator bit for bit.
+    """
+    composition = Composition(methods, defaults=defaults)
+    if composition.providers("compute_advantages") != ["grpo"] or type(composition.method("grpo")) is not GRPO:
+        return composition
+    exact = VerlGRPO(composition.method("grpo").config)
+    specs: list[Any] = []
+    for name, spec in parse_specs(methods):
+        if name == "grpo":
+            specs.append(exact)
+        else:
+            specs.append(spec if isinstance(spec, Method) else {name: spec})
+    if "grpo" not in {name for name, _ in parse_specs(methods)}:
+        specs.append(exact)
+    return Composition(specs, defaults=defaults)
+
+
+@dataclass
+class Runtime:
+    """One process's composition and the bookkeeping the adapter keeps around it.
+
+    Attributes:
+        composition: the enabled methods.
+        step: optimiser steps taken so far (set by the trainer before each advantage stage).
+        prompt_ids: ``uid -> dataset index`` of the prompts the trainer submitted (uids are verl's
+            per-round prompt-group ids).
+        last_batch: the ``GRPOBatch`` of the latest advantage stage, for ``observe``.
+        extras: per-row data the trainer fetched for the coming advantage stage, in verl's row
+            order (see :func:`grpo_plugins_verl.extras.batch_extras`); None outside it.
+        trainer_attached: whether the ``grpo_plugins`` trainer drives this process (it runs the
+            round-planning and ``observe`` hooks; without it those hooks would never run).
+    """
+
+    composition: Composition
+    step: int = 0
+    prompt_ids: dict[str, int] = field(default_factory=dict)
+    last_batch: GRPOBatch | None = None
+    extras: dict[str, Any] | None = None
+    trainer_attached: bool = False
+
+    def ids_for(self, uids: np.ndarray) -> torch.Tensor:
+        """``(N,)`` int64 prompt ids of the rows whose verl ``uid`` is ``uids`` ``(N,)``.
+
+        Uids the trainer registered map to their dataset index (so two uids of one dataset prompt
+        form one group, as everywhere in grpo-plugins); otherwise (verl's own trainer) each distinct
+        uid gets a dense id in order of first appearance. Python work is per group, not per row.
+        """
+        unique, first, inverse = np.unique(np.asarray(uids).astype(str), return_index=True, return_inverse=True)
+        inverse = torch.as_tensor(inverse.reshape(-1), dtype=torch.long)
+        known = [self.prompt_ids.get(uid) for uid in unique.tolist()]
+        if known and all(i is not None for i in known):
+            return torch.tensor(known, dtype=torch.long)[inverse]
+        rank = torch.as_tensor(np.argsort(np.argsort(first)), dtype=torch.long)  # dense ids by first appearance
+        return rank[inverse]
+
+
+_LOCK = threading.Lock()
+_RUNTIMES: dict[str, Runtime] = {}
+_OVERRIDE: list[Any] | None = None
+
+
+def configure(methods: Sequence[Any] | None) -> None:
+    """Set this process's method list directly (names, ``{name: config}`` or ``Method`` instances).
+
+    For in-process use and tests; it takes precedence over ``GRPO_PLUGINS_VERL`` and
+    ``algorithm.grpo_plugins``. ``None`` goes back to those channels. Drops cached runtimes.
+    """
+    global _OVERRIDE
+    with _LOCK:
+        _OVERRIDE = None if methods is None else list(methods)
+        _RUNTIMES.clear()
+
+
+def _key(methods: Sequence[Any], defaults: Mapping[str, Any]) -> str:
+    def plain(item: Any) -> Any:
+        return f"<instance {id(item)}>" if isinstance(item, Method) else item
+
+    return json.dumps([[plain(m) for m in methods], defaults], sort_keys=True, default=str)
+
+
+def get_runtime(algorithm_config: Any = None) -> Runtime:
+    """The runtime of this process for the run's method list.
+
+    Args:
+        algorithm_config: verl's ``config.algorithm`` where the caller has it (estimator, trainer):
+            the method list may come from its ``grpo_plugins`` key, and the built-in ``grpo``
+            defaults follow ``norm_adv_by_std_in_grpo``. ``None`` in the workers (loss).
+    """
+    methods = _OVERRIDE if _OVERRIDE is not None else methods_from(algorithm_config)
+    defaults = grpo_defaults(algorithm_config)
+    key = _key(methods, defaults)
+    with _LOCK:
+        runtime = _RUNTIMES.get(key)
+        if runtime is None:
+            runtime = Runtime(build_composition(methods, defaults))
+            _RUNTIMES[key] = runtime
+            logger.info("grpo_plugins enabled in verl:\n%s", runtime.composition.describe())
+        return runtime

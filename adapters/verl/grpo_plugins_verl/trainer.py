@@ -1,0 +1,244 @@
+"""The round-planning and observe hooks, and plugin state in checkpoints: verl's sync V1 trainer, extended.
+
+``GRPOPluginsTrainer`` is ``PPOTrainerSync`` with four additions, selected with
+``trainer.v1.trainer_mode=grpo_plugins`` (registered with verl's ``register_trainer``):
+
+- each dataloader fetch becomes a planned round: ``sample_prompts`` picks the dataset indices (or
+  verl's dataloader does), ``augment_prompts`` rewrites ``raw_prompt``, ``allocate_rollouts`` sets
+  verl's per-prompt rollout count column ``__rollout_n__``; every verl ``uid`` is mapped to its
+  dataset index so the advantage stage groups by prompt id;
+- before verl's advantage step, the rows' completion tokens, old/reference log-probs, prompts and
+  ``reward_extra_info`` scores are fetched from TransferQueue for the methods
+  (:mod:`grpo_plugins_verl.extras`), and the stage's metrics go into verl's step metrics;
+- ``observe`` runs after each actor update, with the batch the advantage stage saw;
+- plugin state (and the sampling generator) is written to ``global_step_<n>/grpo_plugins.pt`` with
+  every verl checkpoint and restored on resume.
+
+Everything else is verl's sync trainer: the class behaves as ``trainer_mode=sync`` internally
+(verl branches on that literal for its replay buffer and dataloader).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import transfer_queue as tq
+from omegaconf import open_dict
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils import tensordict_utils as tu
+from verl.utils.dataset.rl_dataset import collate_fn
+
+from grpo_plugins import Composition, CompositionError, PromptRound
+
+from grpo_plugins_verl.extras import ROW_FIELDS, batch_extras
+from grpo_plugins_verl.runtime import Runtime, get_runtime
+from grpo_plugins_verl.settings import NAME
+
+logger = logging.getLogger("grpo_plugins_verl")
+
+PROMPT_ID_KEY = "__grpo_prompt_id__"
+"""Column the adapter adds to dataset rows: the row's dataset index (removed before generation)."""
+ROLLOUT_N_KEY = "__rollout_n__"
+"""verl's per-prompt rollout-count column (``agent_loop_tq._run_prompt``)."""
+REWARD_KEYS = "grpo_plugins_reward_keys"
+"""``algorithm`` key naming the ``reward_extra_info`` entries that form ``GRPOBatch.reward_components``."""
+REWARD_WEIGHTS = "grpo_plugins_reward_weights"
+"""``algorithm`` key with the weights of those components (``GRPOBatch.reward_weights``), same order."""
+STATE_FILE = "grpo_plugins.pt"
+"""File of the plugin state inside verl's ``global_step_<n>`` checkpoint folder."""
+
+
+class IndexedDataset(Dataset):
+    """A dataset whose rows also carry their own index under :data:`PROMPT_ID_KEY`."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int) -> dict:
+        row = dict(self.dataset[item])
+        row[PROMPT_ID_KEY] = int(item)
+        return row
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set (unpickling in a dataloader worker)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def plan_round(
+    composition: Composition,
+    round: PromptRound,
+    generator: torch.Generator,
+    dataset: Any,
+    next_default_batch: Callable[[], dict],
+) -> tuple[dict, torch.Tensor]:
+    """One generation round as a collated verl batch dict, and its ``(P,)`` dataset indices.
+
+    ``sample_prompts`` chooses the rows (otherwise ``next_default_batch()``, verl's dataloader, does),
+    ``augment_prompts`` rewrites ``raw_prompt``, ``allocate_rollouts`` fills ``__rollout_n__``.
+
+    Raises:
+        CompositionError: an allocation gives a prompt 0 completions (verl's sync trainer waits for
+            a finished group from every submitted prompt).
+    """
+    prompt_ids = composition.run_sample_prompts(round, generator)
+    if prompt_ids is None:
+        batch_dict = next_default_batch()
+        prompt_ids = torch.as_tensor(np.asarray(batch_dict.pop(PROMPT_ID_KEY), dtype=np.int64))
+    else:
+        batch_dict = collate_fn([dataset[i] for i in prompt_ids.tolist()])
+        batch_dict.pop(PROMPT_ID_KEY, None)
+    num = int(prompt_ids.numel())
+    if composition.implements("augment_prompts"):
+        rows = [{key: value[i] for key, value in batch_dict.items()} for i in range(num)]
+        prompts = composition.run_augment_prompts(round, prompt_ids, list(batch_dict["raw_prompt"]), rows)
+        batch_dict["raw_prompt"] = np.fromiter(prompts, dtype=object, count=num)
+    counts = composition.run_allocate_rollouts(round, prompt_ids)
+    if counts is not None:
+        if bool((counts < 1).any()):
+            raise CompositionError(
+                f"{composition.providers('allocate_rollouts')} gave 0 completions to prompt(s) "
+                f"{prompt_ids[counts < 1].tolist()[:5]}; verl's sync trainer needs at least 1 per submitted prompt"
+            )
+        batch_dict[ROLLOUT_N_KEY] = np.fromiter(counts.tolist(), dtype=object, count=num)
+    return batch_dict, prompt_ids
+
+
+def save_plugin_state(composition: Composition, generator: torch.Generator, folder: str) -> str:
+    """Write the methods' state and the sampling generator's state to ``folder/grpo_plugins.pt``."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, STATE_FILE)
+    torch.save({"methods": composition.state_dict(), "generator": generator.get_state()}, path)
+    return path
+
+
+def load_plugin_state(composition: Composition, generator: torch.Generator, folder: str) -> bool:
+    """Restore :func:`save_plugin_state`'s file from ``folder``; False (and a warning) when absent."""
+    path = os.path.join(folder, STATE_FILE)
+    if not os.path.exists(path):
+        if composition.state_dict():
+            logger.warning("no %s in %s: grpo_plugins methods start from fresh state", STATE_FILE, folder)
+        return False
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    composition.load_state_dict(state["methods"])
+    generator.set_state(state["generator"])
+    return True
+
+
+class GRPOPluginsTrainer(PPOTrainerSync):
+    """verl's sync V1 trainer running the round-planning and ``observe`` hooks and saving plugin state."""
+
+    def __init__(self, config: Any):
+        with open_dict(config):
+            config.trainer.v1.trainer_mode = "sync"  # verl branches on the literal "sync"
+        if str(config.algorithm.adv_estimator) != NAME:
+            raise CompositionError(
+                f"trainer.v1.trainer_mode={NAME} needs algorithm.adv_estimator={NAME} (got {config.algorithm.adv_estimator})"
+            )
+        super().__init__(config)
+        self.grpo_plugins: Runtime = get_runtime(config.algorithm)
+        self.grpo_plugins.trainer_attached = True
+        self.prompt_generator = torch.Generator().manual_seed(int(config.data.get("seed", None) or 1))
+
+    # ------------------------------------------------------------------ round planning
+    def _init_dataloader(self):
+        super()._init_dataloader()
+        self.train_dataset = IndexedDataset(self.train_dataset)
+        loader = self.train_dataloader
+        self.train_dataloader = StatefulDataLoader(
+            dataset=self.train_dataset,
+            batch_size=loader.batch_size,
+            num_workers=self.config.data["dataloader_num_workers"],
+            drop_last=True,
+            collate_fn=collate_fn,
+            sampler=loader.sampler,
+        )
+
+    def _next_default_batch(self) -> dict:
+        try:
+            if self.train_dataloader_it is None:
+                self.train_dataloader_it = iter(self.train_dataloader)
+            return next(self.train_dataloader_it)
+        except StopIteration:
+            self.train_dataloader_it = iter(self.train_dataloader)
+            return next(self.train_dataloader_it)
+
+    def _fetch_one_gen_batch(self):
+        """One planned ``gen_batch_size`` round (see :func:`plan_round`) as verl's prompt TensorDict."""
+        num = self.config.data.get("gen_batch_size", None) or self.config.data.train_batch_size
+        rollout_n = int(self.config.actor_rollout_ref.rollout.n)
+        round = PromptRound(
+            num_prompts=int(num),
+            budget=int(num) * rollout_n,
+            dataset_size=len(self.train_dataset),
+            step=max(int(self.global_steps) - 1, 0),
+            default_rollouts=rollout_n,
+        )
+        batch_dict, prompt_ids = plan_round(
+            self.grpo_plugins.composition, round, self.prompt_generator, self.train_dataset, self._next_default_batch
+        )
+        uids = [str(uuid.uuid4()) for _ in range(len(prompt_ids))]
+        self.grpo_plugins.prompt_ids.update(zip(uids, prompt_ids.tolist()))
+        batch_dict["uid"] = np.array(uids, dtype=object)
+        return tu.get_tensordict(batch_dict)
+
+    # ------------------------------------------------------------------ advantage and observe
+    def _compute_advantage(self, batch, metrics: dict):
+        self.grpo_plugins.step = max(int(self.global_steps) - 1, 0)
+        fields = ["responses", "old_log_probs", *ROW_FIELDS] + (["ref_log_prob"] if self.use_reference_policy else [])
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        keys, weights = (self.config.algorithm.get(name, None) for name in (REWARD_KEYS, REWARD_WEIGHTS))
+        self.grpo_plugins.extras = batch_extras(
+            data, None if keys is None else list(keys), None if weights is None else list(weights)
+        )
+        try:
+            batch = super()._compute_advantage(batch, metrics)
+        finally:
+            self.grpo_plugins.extras = None
+        metrics.update(self.grpo_plugins.composition.pop_metrics())
+        for key in batch.keys:  # trajectory keys are "{uid}_{session}_{index}"
+            self.grpo_plugins.prompt_ids.pop(str(key).rsplit("_", 2)[0], None)
+        return batch
+
+    def _step_once(self, metrics: dict, timing_raw: dict, sample_batch_size: int):
+        batch = super()._step_once(metrics, timing_raw, sample_batch_size)
+        self.observe_step()
+        return batch
+
+    def observe_step(self) -> None:
+        """Run ``observe`` on the latest advantage-stage batch (once), after the actor update."""
+        runtime = self.grpo_plugins
+        if runtime.last_batch is not None:
+            runtime.composition.run_observe(runtime.last_batch, step=int(self.global_steps))
+            runtime.last_batch = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_folder(self, resuming: bool = False) -> str:
+        """verl's ``global_step_<n>`` folder: the one being written, or (``resuming``) the one resumed from."""
+        trainer = self.config.trainer
+        if resuming and trainer.resume_mode == "resume_path":
+            folder = str(trainer.resume_from_path)
+        else:
+            folder = os.path.join(trainer.default_local_dir, f"global_step_{self.global_steps}")
+        return folder if os.path.isabs(folder) else os.path.join(os.getcwd(), folder)
+
+    def _save_checkpoint(self):
+        save_plugin_state(self.grpo_plugins.composition, self.prompt_generator, self._checkpoint_folder())
+        super()._save_checkpoint()
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if self.global_steps > 0:
+            load_plugin_state(
+                self.grpo_plugins.composition, self.prompt_generator, self._checkpoint_folder(resuming=True)
+            )

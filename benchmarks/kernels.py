@@ -1,0 +1,156 @@
+"""Hook throughput: every installed method's hooks on a large batch, against a plain-torch floor.
+
+    python benchmarks/kernels.py --quick      # 10^5 completions x 16 tokens
+    python benchmarks/kernels.py              # 10^6 completions x 16 tokens = 1.6 x 10^7 tokens
+
+For each method, in a fresh subprocess (so peak memory is its own): build a global batch of ``N``
+completions in groups of 8 with 0/1 rewards, run the advantage stage (shape -> estimate -> adjust ->
+mask), ``observe``, and the loss stage (surrogate, gates, terms; forward and backward) through the
+real ``Composition``. The floor, measured in the same subprocess on the same tensors, is what plain
+GRPO costs in plain torch: group mean/std of the rewards (``view(-1, G)``), the PPO-clip per-token
+loss and its masked mean, forward and backward. Reported: hook seconds, floor seconds, their ratio
+(target <= 3) and peak resident memory. Writes ``benchmarks/results/kernels.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GROUP = 8
+TOKENS = 16
+
+
+def make_inputs(n: int, seed: int = 0):
+    from grpo_plugins import GRPOBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, TOKENS + 1, (n,), generator=gen)
+    mask = (torch.arange(TOKENS) < lengths[:, None]).float()
+    rewards = torch.randint(0, 2, (n,), generator=gen).float()
+    batch = GRPOBatch(
+        prompt_ids=torch.arange(n) // GROUP,
+        rewards=rewards,
+        reward_components=rewards[:, None].clone(),
+        reward_names=("correct",),
+        reward_weights=torch.ones(1),
+        completion_ids=torch.randint(4, 16, (n, TOKENS), generator=gen) * mask.long(),
+        completion_mask=mask,
+        old_log_probs=-torch.rand(n, TOKENS, generator=gen) * mask,
+        ref_log_probs=-torch.rand(n, TOKENS, generator=gen) * mask,
+        rows=None,
+    )
+    return batch, -torch.rand(n, TOKENS, generator=gen) * mask
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def floor_step(batch, current) -> None:
+    rewards = batch.rewards.view(-1, GROUP)
+    adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    log_probs = current.clone().requires_grad_(True)
+    ratio = torch.exp(log_probs - batch.old_log_probs)
+    a = adv[:, None]
+    loss = -torch.min(ratio * a, ratio.clamp(0.8, 1.2) * a)
+    mask = batch.completion_mask
+    ((loss * mask).sum() / mask.sum()).backward()
+
+
+def method_step(composition, batch, current) -> None:
+    from grpo_plugins import LossInputs
+
+    work = type(batch)(**{k: getattr(batch, k) for k in batch.__dataclass_fields__})
+    work.row_data = {}
+    composition.run_advantage_stage(work)
+    composition.run_observe(work, step=1)
+    if composition.has_loss_hooks:
+        mask = work.completion_mask * (1.0 if work.token_weights is None else (work.token_weights > 0).float())
+        adv = work.advantages if work.advantages.dim() == 2 else work.advantages[:, None].expand_as(mask)
+        log_probs = current.clone().requires_grad_(True)
+        inputs = LossInputs(log_probs=log_probs, old_log_probs=work.old_log_probs, advantages=adv, mask=mask,
+                            ref_log_probs=work.ref_log_probs, row_data=work.row_data)
+
+        def ppo_clip(x):
+            ratio = x.ratio
+            return -torch.min(ratio * x.advantages, ratio.clamp(1 - x.clip_low, 1 + x.clip_high) * x.advantages)
+
+        parts = composition.run_loss_stage(inputs, ppo_clip)
+        total = parts.policy + sum(parts.terms.values()) if parts.terms else parts.policy
+        ((total * mask).sum() / mask.sum()).backward()
+
+
+def measure(name: str, n: int, repeats: int, queue) -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    from grpo_plugins import Composition
+
+    config = {"scaf_grpo": {"total_steps": 100}}.get(name, {})
+    composition = Composition([{name: config}] if name != "grpo" else [])
+    batch, current = make_inputs(n)
+    floor = timed(lambda: floor_step(batch, current), repeats)
+    seconds = timed(lambda: method_step(composition, batch, current), repeats)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"method": name, "hooks": composition.describe().splitlines()[0], "seconds": seconds,
+               "floor_seconds": floor, "ratio": seconds / floor, "peak_rss_mib": peak_mib})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Throughput of every installed method's hooks.")
+    parser.add_argument("--quick", action="store_true", help="10^5 completions instead of 10^6")
+    parser.add_argument("--methods", nargs="+")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    from grpo_plugins.registry import discover
+
+    names = args.methods or sorted(discover()[0])
+    n = 100_000 if args.quick else 1_000_000
+    repeats = 3 if args.quick else 2
+    context = mp.get_context("spawn")
+    rows = []
+    for name in names:
+        queue = context.Queue()
+        process = context.Process(target=measure, args=(name, n, repeats, queue))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            rows.append({"method": name, "error": f"exit code {process.exitcode}"})
+            continue
+        row = queue.get()
+        rows.append(row)
+        print(f"{name:<16} {row['seconds']:.3f} s  floor {row['floor_seconds']:.3f} s  ratio {row['ratio']:.2f}  "
+              f"peak {row['peak_rss_mib']:.0f} MiB", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    settings = {"completions": n, "tokens": n * TOKENS, "group_size": GROUP, "repeats": repeats,
+                "threads": int(os.environ.get("BENCH_THREADS", "2"))}
+    with open(os.path.join(args.out, "kernels.json"), "w") as handle:
+        json.dump({"settings": settings, "rows": rows}, handle, indent=1)
+    lines = [f"Hook throughput on {n:,} completions x {TOKENS} tokens (groups of {GROUP}), "
+             f"{settings['threads']} CPU threads; floor = plain-torch GRPO advantage + PPO-clip loss, fwd+bwd.", "",
+             "| method | hooks (s) | floor (s) | ratio | peak RSS (MiB) |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | error: {r['error']} | | | |")
+        else:
+            lines.append(f"| {r['method']} | {r['seconds']:.3f} | {r['floor_seconds']:.3f} | {r['ratio']:.2f} | "
+                         f"{r['peak_rss_mib']:.0f} |")
+    with open(os.path.join(args.out, "kernels.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    ok = [r for r in rows if "ratio" in r]
+    print(json.dumps({"benchmark": "kernels", "completions": n, "max_ratio": max(r["ratio"] for r in ok),
+                      "ratios": {r["method"]: round(r["ratio"], 2) for r in ok}}))
+
+
+if __name__ == "__main__":
+    main()

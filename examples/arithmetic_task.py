@@ -1,0 +1,174 @@
+"""A verifiable toy task for CPU training: addition problems of graded difficulty.
+
+Shared by the demo (``examples/trl_demo.py``) and the learning benchmark (``benchmarks/learning.py``):
+a locally built tokenizer and model (``grpo_plugins_trl.testing``), a dataset whose ``level`` column
+is the number of digits per operand, a short supervised warm start so that rewards are neither all
+0 nor all 1 when reinforcement learning begins, and greedy evaluation per difficulty level.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from grpo_plugins_trl.testing import completion_text, exact_answer_reward, tiny_model, tiny_tokenizer
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    level: int
+
+
+def make_problems(n: int, levels: tuple[int, ...], seed: int) -> list[Problem]:
+    """``n`` addition problems spread evenly over ``levels`` (digits per operand)."""
+    rng = random.Random(seed)
+    problems = []
+    for i in range(n):
+        level = levels[i % len(levels)]
+        a, b = rng.randrange(10**level), rng.randrange(10**level)
+        problems.append(Problem(f"{a} + {b} =", str(a + b), level))
+    return problems
+
+
+def to_dataset(problems: list[Problem]):
+    """A ``datasets.Dataset`` with ``prompt``, ``answer``, ``level`` and ``prompt_id`` columns."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "prompt": [p.prompt for p in problems],
+            "answer": [p.answer for p in problems],
+            "level": [p.level for p in problems],
+            "prompt_id": list(range(len(problems))),
+        }
+    )
+
+
+def build_model(seed: int, hidden_size: int = 64, num_layers: int = 2):
+    """The tiny Qwen2 model and its tokenizer (about 0.1M parameters at hidden 64)."""
+    return tiny_model(seed, hidden_size=hidden_size, num_layers=num_layers), tiny_tokenizer()
+
+
+def warm_start(model, tokenizer, problems: list[Problem], steps: int, seed: int, lr: float = 3e-3, batch: int = 32) -> None:
+    """Supervised training on ``prompt answer <eos>`` (loss on the answer tokens only)."""
+    gen = torch.Generator().manual_seed(seed)
+    encoded = [
+        (tokenizer(p.prompt)["input_ids"], tokenizer(p.answer)["input_ids"] + [tokenizer.eos_token_id]) for p in problems
+    ]
+    width = max(len(q) + len(a) for q, a in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    labels = torch.full((len(encoded), width), -100)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (q, a) in enumerate(encoded):  # data preparation, once
+        seq = q + a
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, len(q) : len(seq)] = torch.tensor(a)
+        attention[row, : len(seq)] = 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(0, len(encoded), (batch,), generator=gen)
+        loss = model(input_ids=ids[pick], attention_mask=attention[pick], labels=labels[pick]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy_by_level(model, tokenizer, problems: list[Problem], max_new_tokens: int = 5) -> dict[int, float]:
+    """Greedy exact-answer accuracy per difficulty level."""
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    enc = tokenizer([p.prompt for p in problems], return_tensors="pt", padding=True)
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    correct = torch.tensor([completion_text(t) == p.answer for t, p in zip(texts, problems)], dtype=torch.float)
+    levels = torch.tensor([p.level for p in problems])
+    model.train(was_training)
+    return {int(level): float(correct[levels == level].mean()) for level in levels.unique()}
+
+
+def overall(acc: dict[int, float]) -> float:
+    """Mean accuracy over levels."""
+    return sum(acc.values()) / len(acc)
+
+
+class EvalCallback(TrainerCallback):
+    """Greedy accuracy on held-out problems at step 0 and every ``every`` optimiser steps."""
+
+    def __init__(self, problems: list[Problem], tokenizer, every: int):
+        self.problems, self.tokenizer, self.every = problems, tokenizer, every
+        self.curve: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.curve.append((0, overall(accuracy_by_level(model, self.tokenizer, self.problems))))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.curve.append((state.global_step, overall(accuracy_by_level(model, self.tokenizer, self.problems))))
+
+
+def run_grpo(
+    warm_model,
+    tokenizer,
+    dataset,
+    eval_problems: list[Problem],
+    *,
+    plugins: list | None,
+    steps: int,
+    rollouts_per_step: int = 32,
+    num_generations: int = 8,
+    lr: float = 2e-3,
+    seed: int = 0,
+    eval_every: int = 5,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train a copy of ``warm_model`` with GRPO for ``steps`` optimiser steps of ``rollouts_per_step``
+    completions each: ``trl.GRPOTrainer`` when ``plugins`` is None, else ``PluginGRPOTrainer``.
+
+    Returns the trainer, the reward per step, the accuracy curve ``[(step, accuracy)]`` and the final
+    accuracy per level.
+    """
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo_plugins_trl import PluginGRPOTrainer
+
+    evaluator = EvalCallback(eval_problems, tokenizer, every=eval_every)
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="grpo_arith_"), use_cpu=True, bf16=False, gradient_checkpointing=False,
+        max_steps=steps, per_device_train_batch_size=rollouts_per_step // 2, gradient_accumulation_steps=2,
+        num_generations=num_generations, max_completion_length=5, learning_rate=lr, beta=0.0, temperature=1.0,
+        logging_steps=1, report_to="none", save_strategy="no", seed=seed, disable_tqdm=not progress,
+    )
+    kwargs: dict[str, Any] = dict(
+        model=copy.deepcopy(warm_model), reward_funcs=exact_answer_reward, args=config, train_dataset=dataset,
+        processing_class=tokenizer, callbacks=[evaluator],
+    )
+    trainer_cls = GRPOTrainer
+    if plugins is not None:
+        trainer_cls, kwargs["plugins"] = PluginGRPOTrainer, plugins
+    trainer = trainer_cls(**kwargs)
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "reward" in row]
+    return {
+        "trainer": trainer,
+        "reward": [row["reward"] for row in logs],
+        "accuracy": evaluator.curve,
+        "final_accuracy_by_level": accuracy_by_level(trainer.model, tokenizer, eval_problems),
+    }

@@ -1,0 +1,119 @@
+"""CPU demo: train a tiny local model on addition with several grpo-plugins methods composed, and
+compare it with vanilla TRL GRPO from the same warm start.
+
+    python examples/trl_demo.py                      # about two minutes on 2 CPU cores
+    python examples/trl_demo.py --plugins spo knapsack_rl gdpo --steps 40
+
+Steps: build a tokenizer and a ~0.1M-parameter Qwen2 model locally (nothing is downloaded), warm
+it up with a short supervised phase, then run (a) ``trl.GRPOTrainer`` and (b)
+``grpo_plugins_trl.PluginGRPOTrainer`` with the named methods for the same number of steps and
+rollouts. Prints what each method did and writes ``outputs/demo/demo.png`` (reward and greedy
+accuracy against steps for both runs) and ``outputs/demo/demo.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from arithmetic_task import accuracy_by_level, build_model, make_problems, run_grpo, to_dataset, warm_start  # noqa: E402
+
+DEFAULT_PLUGINS = ["knapsack_rl", "ngrpo", "llds"]
+
+
+def train(label: str, plugins, model, tokenizer, dataset, eval_problems, args) -> dict:
+    print(f"\n=== {label} ===")
+    start = time.perf_counter()
+    run = run_grpo(
+        model, tokenizer, dataset, eval_problems, plugins=plugins, steps=args.steps,
+        rollouts_per_step=args.rollouts_per_step, num_generations=args.num_generations, lr=args.lr,
+        seed=args.seed, eval_every=args.eval_every, progress=True,
+    )
+    run.update(label=label, seconds=round(time.perf_counter() - start, 1))
+    return run
+
+
+def report_plugins(trainer) -> None:
+    """What each enabled method did: its hooks and the last value of each metric it logged."""
+    print("\nMethods in this run (composition order) and the hooks they ran:")
+    print(trainer.composition.describe())
+    last: dict[str, float] = {}
+    for row in trainer.state.log_history:
+        last.update({k: v for k, v in row.items() if k.startswith("plugins/")})
+    for key, value in sorted(last.items()):
+        print(f"  {key} = {value:.4g}")
+
+
+def plot(results, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_reward, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for result in results:
+        ax_reward.plot(range(1, len(result["reward"]) + 1), result["reward"], label=result["label"])
+        steps, acc = zip(*result["accuracy"])
+        ax_acc.plot(steps, acc, marker="o", label=result["label"])
+    ax_reward.set(xlabel="optimiser step", ylabel="mean training reward", title="Reward")
+    ax_acc.set(xlabel="optimiser step", ylabel="greedy accuracy (held out)", title="Accuracy")
+    for ax in (ax_reward, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--plugins", nargs="+", default=DEFAULT_PLUGINS, help="methods to compose, in order")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rollouts-per-step", type=int, default=32)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--warm-start-steps", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="outputs/demo")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    hf_logging.set_verbosity_error()
+    os.makedirs(args.out, exist_ok=True)
+
+    levels = (1, 2)
+    train_problems = make_problems(256, levels, seed=args.seed)
+    eval_problems = make_problems(120, levels, seed=args.seed + 1000)
+    model, tokenizer = build_model(args.seed)
+    print(f"Warm start: {args.warm_start_steps} supervised steps on {len(train_problems)} problems ...")
+    warm_start(model, tokenizer, train_problems, args.warm_start_steps, seed=args.seed)
+    print(f"accuracy after warm start: {accuracy_by_level(model, tokenizer, eval_problems)}")
+    dataset = to_dataset(train_problems)
+
+    vanilla = train("vanilla GRPO (trl.GRPOTrainer)", None, model, tokenizer, dataset, eval_problems, args)
+    composed = train("+".join(args.plugins), list(args.plugins), model, tokenizer, dataset, eval_problems, args)
+    report_plugins(composed.pop("trainer"))
+    vanilla.pop("trainer")
+
+    results = [vanilla, composed]
+    plot(results, os.path.join(args.out, "demo.png"))
+    with open(os.path.join(args.out, "demo.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    print("\nFinal greedy accuracy by level (digits per operand):")
+    for result in results:
+        print(f"  {result['label']:<40} {result['final_accuracy_by_level']}  ({result['seconds']} s)")
+    print(f"\nWrote {args.out}/demo.png and {args.out}/demo.json")
+
+
+if __name__ == "__main__":
+    main()

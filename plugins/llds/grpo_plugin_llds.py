@@ -1,0 +1,124 @@
+"""LLDS: the lazy-likelihood-displacement regulariser (arXiv:2512.04220, "On GRPO Collapse in Search-R1").
+
+GRPO can lower the likelihood of tokens of correct responses ("lazy likelihood displacement"); on a
+multi-turn tool task this feeds a collapse. LLDS adds a penalty on every token of a non-negative-
+advantage response whose log-likelihood fell during the update, ``max(0, log pi_old - log pi)``,
+switched on only for the actions (contiguous runs of trainable tokens between masked tool output)
+or responses whose total log-likelihood fell.
+
+Shapes: ``B`` rows of a loss micro-batch, ``T`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from grpo_plugins import LossInputs, Method, hookimpl, option
+
+
+def action_index(trainable: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` integer id of each token's action; 0 outside, actions numbered 1.. over the whole batch.
+
+    An action is a maximal run of consecutive ``trainable`` ``(B, T)`` tokens within a row (runs never
+    cross rows). Found with one cumulative sum over run starts.
+    """
+    starts = trainable.clone()
+    starts[:, 1:] &= ~trainable[:, :-1]
+    dtype = torch.int32 if trainable.numel() < (1 << 31) else torch.int64
+    ids = torch.cumsum(starts.reshape(-1), 0, dtype=dtype).view_as(trainable)
+    return ids.masked_fill_(~trainable, 0)
+
+
+def displacement_gate(
+    displacement: torch.Tensor, preserving: torch.Tensor, level: Literal["action", "response"] = "action"
+) -> torch.Tensor:
+    """``(B, T)`` bool: the token's action (or response) lost likelihood in total.
+
+    Args:
+        displacement: ``(B, T)`` ``d_t = log pi_old - log pi`` (read without gradient).
+        preserving: ``(B, T)`` bool trainable tokens with advantage ``>= 0``.
+        level: ``"action"``: ``1[sum over the token's action of d > 0]``; ``"response"``:
+            ``1[sum over the row's preserving tokens of d > 0]``. Always 0 outside ``preserving``.
+    """
+    d = displacement.detach().masked_fill(~preserving, 0.0)
+    if level == "response":
+        return (d.sum(dim=1, keepdim=True) > 0) & preserving
+    ids = action_index(preserving)
+    totals = d.new_zeros(ids.numel() + 1).index_add_(0, ids.reshape(-1), d.reshape(-1))
+    return (totals[ids] > 0) & preserving
+
+
+def llds_penalty(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    level: Literal["action", "response"] = "action",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token LLDS penalty ``g_{k(t)} * max(0, log pi_old - log pi)``.
+
+    Args:
+        log_probs: ``(B, T)`` current log-probs (with gradient).
+        old_log_probs: ``(B, T)`` behaviour log-probs.
+        advantages: ``(B, T)`` advantages; tokens with ``A >= 0`` form the preserving set.
+        mask: ``(B, T)`` loss mask; > 0 on trainable tokens (tool output is 0).
+        level: gate per ``"action"`` or per ``"response"``.
+
+    Returns:
+        ``(penalty (B, T), gate (B, T) bool)``; the penalty carries gradient through ``log_probs``
+        only, the gate none.
+    """
+    displacement = old_log_probs.detach() - log_probs
+    preserving = (mask > 0) & (advantages >= 0)
+    gate = displacement_gate(displacement, preserving, level)
+    return gate.to(log_probs.dtype) * displacement.clamp(min=0), gate
+
+
+@dataclass(frozen=True)
+class LLDSConfig:
+    """LLDS: lazy-likelihood-displacement regulariser (https://arxiv.org/abs/2512.04220)."""
+
+    coef: float = option(0.2, "lambda, the weight of the regulariser.", paper=0.2)
+    level: Literal["action", "response"] = option(
+        "action",
+        "Gate per action (runs of trainable tokens between masked tool output; the paper's best) or per response.",
+        paper="action",
+    )
+    answer_coef: float | None = option(
+        None,
+        "lambda_ans for answer-span tokens (the weight used there is min(answer_coef, coef)); needs "
+        "row_data['answer_span'] (B, T), 1 on answer tokens. None: no answer masking (paper default).",
+        paper=None,
+    )
+
+    def __post_init__(self):
+        if self.coef < 0 or (self.answer_coef is not None and self.answer_coef < 0):
+            raise ValueError("coef and answer_coef must be >= 0")
+
+
+class LLDS(Method):
+    """LLDS: penalise falling likelihood of non-negative-advantage tokens, gated per action or response."""
+
+    name = "llds"
+    Config = LLDSConfig
+    paper = "https://arxiv.org/abs/2512.04220"
+
+    @hookimpl
+    def loss_terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        """``{"llds": (B, T) lambda_t * penalty_t}``, aggregated like the policy loss (token mean in the paper)."""
+        cfg = self.config
+        penalty, gate = llds_penalty(inputs.log_probs, inputs.old_log_probs, inputs.advantages, inputs.mask, cfg.level)
+        weight = torch.full_like(penalty, cfg.coef)
+        if cfg.answer_coef is not None:
+            span = inputs.row_data.get("answer_span")
+            if span is None:
+                raise ValueError("llds: answer_coef is set but row_data['answer_span'] (B, T) is missing")
+            weight = torch.where(span.to(torch.bool), min(cfg.answer_coef, cfg.coef), weight)
+        preserving = (inputs.mask > 0) & (inputs.advantages >= 0)
+        starts = preserving.clone()
+        starts[:, 1:] &= ~preserving[:, :-1]
+        self.log_metric("frac_gated_actions", (gate & starts).sum() / starts.sum().clamp(min=1))
+        return {"llds": weight * penalty}

@@ -1,0 +1,199 @@
+"""Scaf-GRPO: warm-up, tier escalation and de-escalation, prompt formats, state, and the card's numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo_plugins import Composition, GRPOBatch, PromptRound
+from grpo_plugins.errors import BatchError, ConfigError, PluginError
+
+ROW = {
+    "prompt_id": 0,
+    "hint_knowledge": ["k1.", "k2."],
+    "hint_planning": ["p1.", "p2."],
+    "hint_solution": "s.",
+}
+BASE = {"total_steps": 10, "warmup_fraction": 0.2, "chunks_per_tier": 2}  # warm-up = 2 steps
+
+
+def scaf(**config) -> Composition:
+    return Composition([{"scaf_grpo": {**BASE, **config}}])
+
+
+def round_at(step: int, prompts: int = 1) -> PromptRound:
+    return PromptRound(num_prompts=prompts, budget=4 * prompts, dataset_size=100, step=step, default_rollouts=4)
+
+
+def group_batch(rewards, prompt_ids, components=None, names=()) -> GRPOBatch:
+    return GRPOBatch(
+        prompt_ids=torch.tensor(prompt_ids),
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        reward_components=None if components is None else torch.tensor(components, dtype=torch.float32),
+        reward_names=tuple(names),
+    )
+
+
+def augment(comp: Composition, step: int, prompt="2 + 2 =", prompt_id=0, row=ROW):
+    return comp.run_augment_prompts(round_at(step), torch.tensor([prompt_id]), [prompt], [row])[0]
+
+
+FAIL = ([0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0])
+SOLVED = ([1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0])
+
+
+def test_card_worked_example_advantages_stay_grpo():
+    comp = scaf()
+    zero = comp.run_advantage_stage(group_batch(*FAIL)).advantages
+    assert zero.tolist() == [0.0, 0.0, 0.0, 0.0]
+    mixed = comp.run_advantage_stage(group_batch(*SOLVED)).advantages
+    assert mixed.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-4)  # unbiased std 0.5
+
+
+def test_stuck_prompt_gets_a_hint_only_after_warmup():
+    comp = scaf()
+    for step in (1, 2):  # failures inside the 2-step warm-up do not count
+        comp.run_observe(group_batch(*FAIL), step=step)
+        assert augment(comp, step) == "2 + 2 ="
+    comp.run_observe(group_batch(*FAIL), step=3)
+    assert augment(comp, 3) == "2 + 2 =\nKnowledge Hints: k1."
+    assert comp.method("scaf_grpo").stuck_of(torch.tensor([0, 1])).tolist() == [True, False]
+    assert augment(comp, 3, prompt_id=1, row={**ROW, "prompt_id": 1}) == "2 + 2 ="  # other prompts unchanged
+
+
+def test_escalates_through_chunks_and_tiers_then_caps():
+    comp = scaf()
+    seen = []
+    for step in range(3, 11):
+        comp.run_observe(group_batch(*FAIL), step=step)
+        seen.append(augment(comp, step).split("=", 1)[1])
+    assert seen == [
+        "\nKnowledge Hints: k1.",
+        "\nKnowledge Hints: k1. k2.",
+        "\nPlanning Hints: p1.",
+        "\nPlanning Hints: p1. p2.",
+        "\nSolution Hints: s.",
+        "\nSolution Hints: s.",  # a string cell is one chunk
+        "\nSolution Hints: s.",  # capped at the highest level (3 tiers x 2 chunks)
+        "\nSolution Hints: s.",
+    ]
+    assert comp.method("scaf_grpo").levels_of(torch.tensor([0])).tolist() == [6]
+
+
+@pytest.mark.parametrize("on_solved, after", [("step_down", "\nKnowledge Hints: k1. k2."), ("clear", "")])
+def test_solved_prompt_steps_down_or_clears(on_solved, after):
+    comp = scaf(on_solved=on_solved)
+    for step in (3, 4, 5):
+        comp.run_observe(group_batch(*FAIL), step=step)
+    assert augment(comp, 5).endswith("Planning Hints: p1.")
+    comp.run_observe(group_batch(*SOLVED), step=6)
+    assert augment(comp, 6) == "2 + 2 =" + after
+    assert comp.method("scaf_grpo").stuck_of(torch.tensor([0])).tolist() == [False]
+
+
+def test_chat_prompt_hint_goes_to_last_user_message_without_mutation():
+    comp = scaf()
+    comp.run_observe(group_batch(*FAIL), step=3)
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "Let me think."},
+    ]
+    out = augment(comp, 3, prompt=chat)
+    assert out[1]["content"] == "What is 2 + 2?\nKnowledge Hints: k1."
+    assert out[0] == chat[0] and out[2] == chat[2]
+    assert chat[1]["content"] == "What is 2 + 2?"  # the input is not mutated
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Solve."}]}]
+    out = augment(comp, 3, prompt=parts)
+    assert out[0]["content"][-1] == {"type": "text", "text": "\nKnowledge Hints: k1."}
+
+
+def test_uneven_groups_and_groups_of_one():
+    comp = scaf()
+    # prompt 5: 3 completions, one correct; prompt 6: a single failed completion; prompt 7: 4 failures
+    batch = group_batch([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [5, 6, 5, 7, 5, 7, 7, 7])
+    comp.run_observe(batch, step=3)
+    state = comp.method("scaf_grpo")
+    assert state.levels_of(torch.tensor([5, 6, 7])).tolist() == [0, 1, 1]
+    assert state.stuck_of(torch.tensor([5, 6, 7])).tolist() == [False, True, True]
+    assert state.prompt_ids.tolist() == [6, 7]  # solved, unhinted prompts keep no state
+    assert comp.pop_metrics()["plugins/scaf_grpo/frac_groups_unsolved"] == pytest.approx(2 / 3)
+
+
+def test_correctness_from_a_named_reward_component():
+    comp = scaf(reward_name="correct")
+    # total rewards are positive (format bonus) but no completion is correct -> stuck
+    batch = group_batch([0.5, 0.5, 0.5, 0.5], [0, 0, 0, 0], components=[[0, 0.5]] * 4, names=("correct", "format"))
+    comp.run_observe(batch, step=3)
+    assert augment(comp, 3).endswith("k1.")
+    with pytest.raises(PluginError, match="reward_name 'missing'"):
+        scaf(reward_name="missing").run_observe(batch, step=3)
+
+
+def test_clear_errors():
+    with pytest.raises(ConfigError, match="total_steps"):
+        Composition(["scaf_grpo"])
+    assert Composition([{"scaf_grpo": {"warmup_steps": 50}}]).method("scaf_grpo").warmup_steps == 50
+    comp = scaf()
+    comp.run_observe(group_batch(*FAIL), step=3)
+    with pytest.raises(PluginError, match="no hint column 'hint_knowledge'"):
+        augment(comp, 3, row={"prompt_id": 0})
+    bad = group_batch([0.0, float("nan"), 0.0, 0.0], [0, 0, 0, 0])
+    with pytest.raises(BatchError, match="NaN"):
+        comp.run_advantage_stage(bad)
+
+
+def test_state_round_trip(tmp_path):
+    comp = scaf()
+    for step in (3, 4, 5):
+        comp.run_observe(group_batch(*FAIL), step=step)
+    comp.run_observe(group_batch([0.0, 0.0], [9, 9]), step=6)
+    comp.save(tmp_path / "plugins.pt")
+    fresh = scaf()
+    assert augment(fresh, 6) == "2 + 2 ="
+    fresh.load(tmp_path / "plugins.pt")
+    assert augment(fresh, 6) == augment(comp, 6) == "2 + 2 =\nPlanning Hints: p1."
+    assert torch.equal(fresh.method("scaf_grpo").stuck, comp.method("scaf_grpo").stuck)
+    assert fresh.method("scaf_grpo").levels_of(torch.tensor([9])).tolist() == [1]
+
+
+def test_hashed_63_bit_prompt_ids_keep_sparse_state():
+    comp = scaf()
+    big = [2**62 + 11, 2**62 + 11, 3, 3]
+    comp.run_observe(group_batch([0.0, 0.0, 1.0, 0.0], big), step=3)
+    state = comp.method("scaf_grpo")
+    assert state.prompt_ids.tolist() == [2**62 + 11]
+    assert state.levels_of(torch.tensor([3, 2**62 + 11, 2**62])).tolist() == [0, 1, 0]
+
+
+# ----------------------------------------------------------------- short real trainer runs (TRL adapter)
+@pytest.mark.parametrize("extra", [[], ["gdpo"]], ids=["alone", "with_gdpo"])
+def test_tiny_trl_run_hints_stuck_prompts(extra):
+    testing = pytest.importorskip("grpo_plugins_trl.testing")
+    from datasets import Dataset
+
+    # two prompts, so both are drawn every step; a random tiny model fails them -> hints from step 2 on
+    dataset = Dataset.from_dict({
+        "prompt": ["3 + 4 =", "5 + 2 ="], "answer": ["7", "7"], "prompt_id": [0, 1],
+        "hint_knowledge": [["3", "4"], ["5", "2"]], "hint_planning": ["7", "7"], "hint_solution": ["= 7", "= 7"],
+    })
+    config = {"warmup_steps": 1, "chunks_per_tier": 2, "reward_name": "exact_answer_reward"}
+    trainer = testing.tiny_grpo_run(
+        [{"scaf_grpo": config}, *extra], max_steps=3, dataset=dataset,
+        reward_funcs=[testing.exact_answer_reward, testing.digit_overlap_reward],
+    )
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logs) == 3 and all(math.isfinite(float(row["loss"])) for row in logs)
+    hinted = [float(row["plugins/scaf_grpo/hinted_prompt_frac"]) for row in logs]
+    assert hinted[:2] == [0.0, 0.0]  # warm-up step 1 does not count; step 2's failures hint step 3
+    exact = [float(row["rewards/exact_answer_reward/mean"]) for row in logs]
+    last = trainer.last_plugin_batch  # step 3's batch
+    if exact[1] == 0.0:  # both prompts unsolved at step 2 (a random model): step 3 hints both with level 1
+        assert hinted[2] == 1.0
+        assert sorted(last.prompts[::4]) == ["3 + 4 =\nKnowledge Hints: 3", "5 + 2 =\nKnowledge Hints: 5"]
+        if exact[2] == 0.0:
+            assert trainer.composition.method("scaf_grpo").levels_of(torch.tensor([0, 1])).tolist() == [2, 2]
+    if extra:
+        assert any("plugins/gdpo/distinct_advantages_per_group" in row for row in logs)

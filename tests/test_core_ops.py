@@ -1,0 +1,157 @@
+"""The shared helpers against a plain Python loop, on random uneven groups (groups of one and empty
+groups included), and the batch-global statistics across two real gloo processes."""
+
+import importlib.util
+import math
+import socket
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from grpo_plugins import ParallelContext
+from grpo_plugins import ops
+
+
+def uneven_groups(seed: int, num_groups: int = 9):
+    """Random group sizes in 0..5 (ones and empties included), members in shuffled order."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(0, 6, (num_groups,), generator=gen)
+    sizes[0], sizes[1], sizes[2] = 1, 0, 5
+    index = torch.repeat_interleave(torch.arange(num_groups), sizes)
+    index = index[torch.randperm(index.numel(), generator=gen)]
+    values = torch.randn(index.numel(), generator=gen, dtype=torch.float64)
+    return index, values, num_groups
+
+
+def members(index, values, g):
+    return [values[i] for i in range(len(index)) if int(index[i]) == g]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_segment_statistics_match_a_loop(seed):
+    index, values, G = uneven_groups(seed)
+    ref = {name: [] for name in ("sum", "count", "mean", "std", "std_pop", "max", "min")}
+    for g in range(G):
+        xs = [float(v) for v in members(index, values, g)]
+        ref["sum"].append(sum(xs))
+        ref["count"].append(len(xs))
+        ref["mean"].append(statistics.fmean(xs) if xs else 0.0)
+        ref["std"].append(statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        ref["std_pop"].append(statistics.pstdev(xs) if len(xs) > 1 else 0.0)
+        ref["max"].append(max(xs) if xs else -math.inf)
+        ref["min"].append(min(xs) if xs else math.inf)
+    got = {
+        "sum": ops.segment_sum(values, index, G),
+        "count": ops.segment_count(index, G),
+        "mean": ops.segment_mean(values, index, G),
+        "std": ops.segment_std(values, index, G),
+        "std_pop": ops.segment_std(values, index, G, unbiased=False),
+        "max": ops.segment_max(values, index, G),
+        "min": ops.segment_min(values, index, G),
+    }
+    for name, expected in ref.items():
+        assert got[name].tolist() == pytest.approx(expected, abs=1e-12), name
+    assert got["count"].dtype == torch.long
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_segment_sum_and_mean_of_rows(seed):
+    index, _, G = uneven_groups(seed)
+    values = torch.randn(index.numel(), 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    for g in range(G):
+        rows = members(index, values, g)
+        total = sum(rows, torch.zeros(4, dtype=torch.float64))
+        torch.testing.assert_close(ops.segment_sum(values, index, G)[g], total)
+        torch.testing.assert_close(ops.segment_mean(values, index, G)[g], total / max(len(rows), 1))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_group_normalize_matches_a_loop(seed):
+    index, values, G = uneven_groups(seed)
+    eps = 1e-6
+    expected_std, expected_centred = [], []
+    for i in range(len(index)):
+        xs = [float(v) for v in members(index, values, int(index[i]))]
+        centred = float(values[i]) - statistics.fmean(xs)
+        std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        expected_centred.append(centred)
+        expected_std.append(centred / (std + eps))
+    assert ops.group_normalize(values, index, G, epsilon=eps).tolist() == pytest.approx(expected_std, abs=1e-9)
+    assert ops.group_normalize(values, index, G, scale_by_std=False).tolist() == pytest.approx(expected_centred, abs=1e-12)
+    # a group of one has advantage 0, never NaN
+    lonely = int((ops.segment_count(index, G) == 1).nonzero()[0])
+    assert ops.group_normalize(values, index, G)[index == lonely].tolist() == [0.0]
+
+
+def test_masked_sum_and_mean_match_a_loop():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(5, 6, generator=gen) > 0.4).double()
+    mask[2] = 0  # a row without tokens
+    rows_sum = [sum(float(values[r, t]) for t in range(6) if mask[r, t]) for r in range(5)]
+    rows_cnt = [sum(1 for t in range(6) if mask[r, t]) for r in range(5)]
+    assert ops.masked_sum(values, mask, dim=-1).tolist() == pytest.approx(rows_sum)
+    assert ops.masked_mean(values, mask, dim=-1).tolist() == pytest.approx([s / max(c, 1) for s, c in zip(rows_sum, rows_cnt)])
+    assert ops.masked_mean(values, mask, dim=-1)[2] == 0
+    assert float(ops.masked_sum(values, mask)) == pytest.approx(sum(rows_sum))
+    assert float(ops.masked_mean(values, mask)) == pytest.approx(sum(rows_sum) / sum(rows_cnt))
+    assert float(ops.masked_mean(values, torch.zeros_like(mask))) == 0.0
+    # soft weights weight the mean
+    assert float(ops.masked_mean(torch.tensor([[2.0, 4.0]]), torch.tensor([[0.5, 1.5]]))) == pytest.approx((1 + 6) / 2)
+
+
+def test_single_process_global_statistics():
+    values = torch.tensor([1.0, 2.0, 4.0, 7.0])
+    mean, std = ops.global_mean_std(values, ParallelContext())
+    assert (float(mean), float(std)) == pytest.approx((3.5, statistics.stdev([1, 2, 4, 7])))
+    assert float(ops.global_mean_std(torch.tensor([3.0]), ParallelContext())[1]) == 0.0
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert float(ops.global_masked_mean(values[None], mask, ParallelContext())) == pytest.approx(1.5)
+
+
+# ---------------------------------------------------------------- two real processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_global_statistics_across_two_gloo_processes(tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(11, generator=gen, dtype=torch.float64) * 3 + 1
+    tokens = torch.randn(11, 5, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(11, 5, generator=gen) > 0.3).double()
+    split = [0, 4, 11]  # uneven shards: 4 rows on rank 0, 7 on rank 1
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fixtures"))
+    from gloo_worker import rank_main  # importable by the spawned processes
+
+    mp.spawn(rank_main, args=(2, _free_port(), values, tokens, mask, split, str(tmp_path)), nprocs=2, join=True)
+    single = ParallelContext()
+    mean, std = ops.global_mean_std(values, single)
+    expected_token_mean = ops.global_masked_mean(tokens, mask, single)
+    grads = []
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["mean"], mean)
+        torch.testing.assert_close(got["std"], std)
+        torch.testing.assert_close(got["token_mean"], expected_token_mean)
+        torch.testing.assert_close(got["whole"], mean)
+        grads.append(got["grad"])
+    # each rank's gradient is its share of the global mean: mask / global token count
+    torch.testing.assert_close(torch.cat(grads), mask / mask.sum())
+    assert float(std) == pytest.approx(statistics.stdev(values.tolist()))
+
+
+def test_the_speed_benchmark_runs_and_agrees_with_its_loop_reference():
+    """A smoke run of benchmarks/helpers.py at a small size (its timings are not checked)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "helpers.py"
+    spec = importlib.util.spec_from_file_location("benchmark_helpers", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.run(5_000, [50, 2_000], tokens=10, repeats=1)
+    loops = [r for r in report["results"] if "max_abs_diff_vs_vectorised" in r]
+    assert len(loops) == 2 and max(r["max_abs_diff_vs_vectorised"] for r in loops) < 1e-12
+    assert "| group_normalize | 5000 | 2000 |" in bench.markdown(report)
