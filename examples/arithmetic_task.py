@@ -131,14 +131,15 @@ def run_grpo(
     plugins: list | None,
     steps: int,
     rollouts_per_step: int = 32,
-    num_generations: int = 8,
-    lr: float = 2e-3,
+    num_generations: int = 4,
+    lr: float = 3e-4,
     seed: int = 0,
     eval_every: int = 5,
+    num_iterations: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Train a copy of ``warm_model`` with GRPO for ``steps`` optimiser steps of ``rollouts_per_step``
-    completions each: ``trl.GRPOTrainer`` when ``plugins`` is None, else ``PluginGRPOTrainer``.
+    completions each (each generation batch reused for ``num_iterations`` steps): ``trl.GRPOTrainer`` when ``plugins`` is None, else ``PluginGRPOTrainer``.
 
     Returns the trainer, the reward per step, the accuracy curve ``[(step, accuracy)]`` and the final
     accuracy per level.
@@ -151,7 +152,8 @@ def run_grpo(
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="grpo_arith_"), use_cpu=True, bf16=False, gradient_checkpointing=False,
         max_steps=steps, per_device_train_batch_size=rollouts_per_step // 2, gradient_accumulation_steps=2,
-        num_generations=num_generations, max_completion_length=5, learning_rate=lr, beta=0.0, temperature=1.0,
+        num_generations=num_generations, num_iterations=num_iterations, max_completion_length=5, learning_rate=lr,
+        beta=0.0, temperature=1.0,
         logging_steps=1, report_to="none", save_strategy="no", seed=seed, disable_tqdm=not progress,
     )
     kwargs: dict[str, Any] = dict(

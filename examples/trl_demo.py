@@ -38,7 +38,7 @@ def train(label: str, plugins, model, tokenizer, dataset, eval_problems, args) -
     run = run_grpo(
         model, tokenizer, dataset, eval_problems, plugins=plugins, steps=args.steps,
         rollouts_per_step=args.rollouts_per_step, num_generations=args.num_generations, lr=args.lr,
-        seed=args.seed, eval_every=args.eval_every, progress=True,
+        seed=args.seed, eval_every=args.eval_every, num_iterations=args.num_iterations, progress=True,
     )
     run.update(label=label, seconds=round(time.perf_counter() - start, 1))
     return run
@@ -63,10 +63,13 @@ def plot(results, path) -> None:
 
     fig, (ax_reward, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for result in results:
-        ax_reward.plot(range(1, len(result["reward"]) + 1), result["reward"], label=result["label"])
+        reward = torch.tensor(result["reward"])
+        window = min(10, len(reward))
+        smoothed = reward.unfold(0, window, 1).mean(1)  # moving average over `window` logged steps
+        ax_reward.plot(range(window, len(reward) + 1), smoothed, label=result["label"])
         steps, acc = zip(*result["accuracy"])
         ax_acc.plot(steps, acc, marker="o", label=result["label"])
-    ax_reward.set(xlabel="optimiser step", ylabel="mean training reward", title="Reward")
+    ax_reward.set(xlabel="optimiser step", ylabel="training reward (moving average of 10)", title="Reward")
     ax_acc.set(xlabel="optimiser step", ylabel="greedy accuracy (held out)", title="Accuracy")
     for ax in (ax_reward, ax_acc):
         ax.legend()
@@ -78,12 +81,13 @@ def plot(results, path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--plugins", nargs="+", default=DEFAULT_PLUGINS, help="methods to compose, in order")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rollouts-per-step", type=int, default=32)
-    parser.add_argument("--num-generations", type=int, default=8)
-    parser.add_argument("--warm-start-steps", type=int, default=400)
-    parser.add_argument("--eval-every", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--num-generations", type=int, default=4)
+    parser.add_argument("--warm-start-steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--num-iterations", type=int, default=2, help="optimiser steps per generation batch")
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="outputs/demo")
     args = parser.parse_args()
@@ -92,11 +96,12 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
 
     levels = (1, 2)
-    train_problems = make_problems(256, levels, seed=args.seed)
+    warm_problems = make_problems(512, levels, seed=args.seed + 500)
+    train_problems = make_problems(128, levels, seed=args.seed)
     eval_problems = make_problems(120, levels, seed=args.seed + 1000)
     model, tokenizer = build_model(args.seed)
-    print(f"Warm start: {args.warm_start_steps} supervised steps on {len(train_problems)} problems ...")
-    warm_start(model, tokenizer, train_problems, args.warm_start_steps, seed=args.seed)
+    print(f"Warm start: {args.warm_start_steps} supervised steps on {len(warm_problems)} other problems ...")
+    warm_start(model, tokenizer, warm_problems, args.warm_start_steps, seed=args.seed)
     print(f"accuracy after warm start: {accuracy_by_level(model, tokenizer, eval_problems)}")
     dataset = to_dataset(train_problems)
 

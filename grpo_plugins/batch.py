@@ -20,11 +20,14 @@ class PromptRound:
     """One generation round being planned (``sample_prompts``, ``allocate_rollouts``, ``augment_prompts``).
 
     Attributes:
-        num_prompts: ``P``, prompts the trainer draws for the round.
+        num_prompts: ``P``, prompts the trainer would draw for the round on its own (a
+            ``sample_prompts`` method may choose any number from 1 to ``budget``).
         budget: completions the round generates in total (sum of the rollout counts).
         dataset_size: number of prompts in the training dataset.
         step: optimiser steps taken so far.
         default_rollouts: completions per prompt the trainer would use on its own.
+        total_steps: optimiser steps of the whole run (the trainer's ``max_steps``); None when the
+            adapter does not know it.
     """
 
     num_prompts: int
@@ -32,6 +35,7 @@ class PromptRound:
     dataset_size: int
     step: int
     default_rollouts: int
+    total_steps: int | None = None
 
 
 @dataclass
@@ -51,11 +55,15 @@ class GRPOBatch:
         completion_ids: ``(N, T)`` int64 completion tokens, right-padded.
         completion_mask: ``(N, T)`` float, 1 on real completion tokens.
         old_log_probs: ``(N, T)`` behaviour-policy log-probs of the completion tokens, if known.
+            Adapters provide them whenever an enabled method lists ``"old_log_probs"`` in
+            :meth:`Method.requires` (computing them if the trainer itself would not).
         ref_log_probs: ``(N, T)`` reference-policy log-probs, if the trainer has a reference model.
         prompts: ``N`` prompts (text or chat messages), if the trainer has them.
         completions: ``N`` decoded completions, if the trainer has them.
         rows: ``N`` dataset rows (dicts of every column), if the trainer has them.
         step: optimiser steps taken so far.
+        total_steps: optimiser steps of the whole run (the trainer's ``max_steps``); None when the
+            adapter does not know it.
         parallel: data-parallel context (rank, world size, whether the batch is already global).
         advantages: ``(N,)`` or ``(N, T)``, set once the advantage hooks have run.
         token_weights: ``(N, T)`` product of the ``mask_tokens`` outputs (None when no method masks).
@@ -76,6 +84,7 @@ class GRPOBatch:
     completions: list[Any] | None = None
     rows: list[dict] | None = None
     step: int = 0
+    total_steps: int | None = None
     parallel: ParallelContext = field(default_factory=ParallelContext)
     advantages: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None

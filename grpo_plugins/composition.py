@@ -12,6 +12,7 @@ method raises is re-raised naming the method, the hook and the distribution.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -120,6 +121,7 @@ class Composition:
         self._check_pending()
         self._impls = self._collect_impls()
         self._check_single_providers()
+        self._required = self._collect_required()
         self._trace = os.environ.get("GRPO_PLUGINS_TRACE", "") not in ("", "0")
 
     # ----------------------------------------------------------------- construction
@@ -190,6 +192,20 @@ class Composition:
             if providers:  # a user provider replaces the built-in default
                 self._impls[hook] = [(e, impl) for e, impl in self._impls[hook] if not e.builtin]
 
+    def _collect_required(self) -> frozenset[str]:
+        known = {f.name for f in dataclasses.fields(GRPOBatch)}
+        required: set[str] = set()
+        for entry in self.enabled:
+            fields = set(entry.method.requires())
+            unknown = sorted(fields - known)
+            if unknown:
+                raise CompositionError(
+                    f"method '{entry.name}' (distribution {entry.distribution}) requires unknown batch field(s) "
+                    f"{unknown}; valid GRPOBatch fields: {', '.join(sorted(known))}"
+                )
+            required |= fields
+        return frozenset(required)
+
     # ----------------------------------------------------------------- queries
     @property
     def names(self) -> list[str]:
@@ -212,6 +228,15 @@ class Composition:
     def providers(self, hook: str) -> list[str]:
         """Names of the enabled methods implementing ``hook``, in the order they run."""
         return [entry.name for entry, _ in self._impls[hook]]
+
+    def required_fields(self) -> set[str]:
+        """The ``GRPOBatch`` fields the enabled methods need (union of :meth:`Method.requires`); an
+        adapter must fill each of them, computing it when its trainer would not."""
+        return set(self._required)
+
+    def requirers(self, field: str) -> list[str]:
+        """Names of the enabled methods that require the batch field ``field``."""
+        return [e.name for e in self.enabled if field in e.method.requires()]
 
     @property
     def has_loss_hooks(self) -> bool:
@@ -245,10 +270,20 @@ class Composition:
 
     # ----------------------------------------------------------------- round planning
     def run_sample_prompts(self, round: PromptRound, generator: torch.Generator) -> torch.Tensor | None:
-        """``(P,)`` dataset indices from the ``sample_prompts`` provider, or None without one."""
+        """``(P',)`` dataset indices from the ``sample_prompts`` provider (``1 <= P' <= round.budget``),
+        or None without one."""
         for entry, impl in self._impls["sample_prompts"]:
-            expect = dict(shape=(round.num_prompts,), integer=True, low=0, high=round.dataset_size - 1)
-            return self._checked("sample_prompts", entry, impl, expect, round=round, generator=generator).long()
+            output = self._call("sample_prompts", entry, impl, round=round, generator=generator)
+            problem = None
+            if isinstance(output, torch.Tensor) and (output.dim() != 1 or not 1 <= output.numel() <= round.budget):
+                problem = (
+                    f"returned shape {tuple(output.shape)}, expected (P',) with 1 <= P' <= the round's budget "
+                    f"{round.budget}"
+                )
+            problem = problem or check_output(output, integer=True, low=0, high=round.dataset_size - 1)
+            if problem:
+                raise PluginError(entry.name, "sample_prompts", entry.distribution, problem)
+            return output.long()
         return None
 
     def run_allocate_rollouts(self, round: PromptRound, prompt_ids: torch.Tensor) -> torch.Tensor | None:
@@ -257,6 +292,25 @@ class Composition:
             expect = dict(shape=tuple(prompt_ids.shape), integer=True, low=0, total=round.budget)
             return self._checked("allocate_rollouts", entry, impl, expect, round=round, prompt_ids=prompt_ids).long()
         return None
+
+    def rollout_counts(self, round: PromptRound, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """``(P',)`` completions per prompt: the ``allocate_rollouts`` provider's counts, or without one
+        the budget split evenly (``budget // P'`` each).
+
+        Raises:
+            CompositionError: no provider and the budget is not a multiple of ``P'``.
+        """
+        counts = self.run_allocate_rollouts(round, prompt_ids)
+        if counts is not None:
+            return counts
+        num = int(prompt_ids.numel())
+        if num < 1 or round.budget % num:
+            raise CompositionError(
+                f"the round has {num} prompts (from {self.providers('sample_prompts') or 'the trainer'}) and a budget "
+                f"of {round.budget} completions, which does not split evenly; return a number of prompts that divides "
+                "the budget or enable a method that implements 'allocate_rollouts'"
+            )
+        return torch.full((num,), round.budget // num, dtype=torch.long, device=prompt_ids.device)
 
     def run_augment_prompts(
         self, round: PromptRound, prompt_ids: torch.Tensor, prompts: list, rows: list[dict]

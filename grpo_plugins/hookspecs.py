@@ -48,14 +48,18 @@ def sample_prompts(round: PromptRound, generator: torch.Generator) -> torch.Tens
     Called once per generation round, before generation, identically on every data-parallel rank.
 
     Args:
-        round: the round being planned: ``round.num_prompts`` (P), ``round.dataset_size``,
-            ``round.step`` (optimiser steps taken so far) and ``round.budget`` (completions the round
-            generates in total).
+        round: the round being planned: ``round.num_prompts`` (P, the trainer's own number of
+            prompts), ``round.dataset_size``, ``round.step`` (optimiser steps taken so far),
+            ``round.total_steps`` (the run's length, or None) and ``round.budget`` (completions the
+            round generates in total).
         generator: a seeded ``torch.Generator`` owned by the adapter; use it for every random draw so
             that all ranks draw the same prompts and a resumed run draws what the original would.
 
     Returns:
-        ``(P,)`` int64 dataset indices in ``[0, dataset_size)``; repeats are allowed.
+        ``(P',)`` int64 dataset indices in ``[0, dataset_size)``, repeats allowed, with
+        ``1 <= P' <= round.budget``: usually ``round.num_prompts``, but a method may choose more
+        prompts with fewer completions each (e.g. ``round.budget`` prompts of one completion). Without an
+        ``allocate_rollouts`` provider the budget is split evenly, so ``P'`` must then divide it.
 
     Combine: single provider. Without one, the trainer's own sampler is used.
     """
@@ -68,13 +72,15 @@ def allocate_rollouts(round: PromptRound, prompt_ids: torch.Tensor) -> torch.Ten
     Args:
         round: the round being planned (see ``sample_prompts``); ``round.budget`` is the total number
             of completions the trainer generates this round.
-        prompt_ids: ``(P,)`` int64 dataset indices chosen for the round.
+        prompt_ids: ``(P,)`` int64 dataset indices chosen for the round (``P`` may differ from
+            ``round.num_prompts`` when a ``sample_prompts`` method chose another number).
 
     Returns:
         ``(P,)`` int64 counts, each ``>= 0``, summing exactly to ``round.budget``. A prompt given 0
         completions is dropped from the round.
 
-    Combine: single provider. Without one, every prompt gets ``budget // P`` completions.
+    Combine: single provider. Without one, every prompt gets ``budget // P`` completions (an error
+    when ``P`` does not divide the budget).
     """
 
 

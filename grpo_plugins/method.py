@@ -38,6 +38,11 @@ class Method:
         another method). The default keeps every implemented hook on."""
         return set()
 
+    def requires(self) -> set[str]:
+        """``GRPOBatch`` fields this instance needs under its config (e.g. ``{"old_log_probs"}``), so that
+        an adapter fills them even where its trainer would not compute them. The default needs none."""
+        return set()
+
     def log_metric(self, key: str, value: float | torch.Tensor) -> None:
         """Record a metric; adapters log it as ``plugins/<method>/<key>`` at the trainer's next log."""
         self._metrics[key] = float(value)

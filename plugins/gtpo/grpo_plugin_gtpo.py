@@ -22,17 +22,20 @@ import torch
 from grpo_plugins import GRPOBatch, LossInputs, Method, hookimpl, option
 from grpo_plugins.ops import group_normalize, masked_mean, segment_count, segment_sum
 
-_CHUNK_ELEMENTS = 1 << 27  # pairwise comparisons held in memory at once (bytes of a bool tensor)
-_BLOCK = 64  # token columns compared in the first pass of the run search
+_CHUNK_ELEMENTS = 1 << 27  # elements of one comparison temporary (bytes of a bool tensor)
+_BLOCK = 8  # token columns compared in the first pass of the run search
 
 
 def _dense_slots(index: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
     """``(N,)`` slot of each member within its group (0 .. size-1) and the largest group size."""
     sizes = segment_count(index, num_groups)
-    order = torch.argsort(index, stable=True)
     starts = torch.cumsum(sizes, 0) - sizes
+    position = torch.arange(index.numel(), device=index.device)
+    if bool((index[1:] >= index[:-1]).all()):  # members already stored group by group: no sort
+        return position - starts[index], int(sizes.max())
+    order = torch.argsort(index, stable=True)
     slot = torch.empty_like(index)
-    slot[order] = torch.arange(index.numel(), device=index.device) - starts[index[order]]
+    slot[order] = position - starts[index[order]]
     return slot, int(sizes.max())
 
 
@@ -46,6 +49,7 @@ class _Layout:
     groups: int
     size: int
     dense: bool  # every cell of the grid is filled (all groups have the same size)
+    identity: bool  # dense, and row ``k`` of ``rows`` sits in cell ``k`` (groups stored contiguously, in order)
 
 
 def _layout(sign: torch.Tensor, index: torch.Tensor, num_groups: int) -> _Layout | None:
@@ -59,7 +63,10 @@ def _layout(sign: torch.Tensor, index: torch.Tensor, num_groups: int) -> _Layout
     sub_index = (torch.cumsum(active.to(torch.int64), 0) - 1)[index[rows]]
     groups = int(active.sum())
     slot, size = _dense_slots(sub_index, groups)
-    return _Layout(rows, sub_index * size + slot, sign[rows], groups, size, rows.numel() == groups * size)
+    flat = sub_index * size + slot
+    dense = rows.numel() == groups * size
+    identity = dense and bool((flat[1:] > flat[:-1]).all())  # increasing and filling every cell: the identity
+    return _Layout(rows, flat, sign[rows], groups, size, dense, identity)
 
 
 def _shared(layout: _Layout, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -68,7 +75,8 @@ def _shared(layout: _Layout, ids: torch.Tensor, valid: torch.Tensor) -> torch.Te
     ``ids``/``valid``: ``(M, W)`` aligned columns of the participating completions. Every pair of a
     group is compared at every column at once (``(groups, S, S, W)``, in chunks of groups bounded in
     memory). The sign is folded into the key (``2 * id + [positive]``) and each token looks for the
-    key of its own id with the opposite sign.
+    key of its own id with the opposite sign. When the rows already sit in grid order (equal, contiguous
+    groups) the grid is a view of the columns and no scatter/gather is needed.
     """
     width = ids.shape[1]
     cells = layout.groups * layout.size
@@ -78,22 +86,41 @@ def _shared(layout: _Layout, ids: torch.Tensor, valid: torch.Tensor) -> torch.Te
     invalid = ~valid
     key = (twice + (layout.sign > 0).to(dtype)[:, None]).masked_fill_(invalid, -1)
     query = twice.add_((layout.sign < 0).to(dtype)[:, None]).masked_fill_(invalid, -2)
-    if layout.dense:
-        keys = torch.empty((cells, width), dtype=dtype, device=ids.device)
-        queries = torch.empty((cells, width), dtype=dtype, device=ids.device)
+    if layout.identity:
+        keys, queries = key, query
     else:
-        keys = torch.full((cells, width), -1, dtype=dtype, device=ids.device)
-        queries = torch.full((cells, width), -2, dtype=dtype, device=ids.device)
-    keys.index_copy_(0, layout.flat, key)
-    queries.index_copy_(0, layout.flat, query)
+        if layout.dense:
+            keys = torch.empty((cells, width), dtype=dtype, device=ids.device)
+            queries = torch.empty((cells, width), dtype=dtype, device=ids.device)
+        else:
+            keys = torch.full((cells, width), -1, dtype=dtype, device=ids.device)
+            queries = torch.full((cells, width), -2, dtype=dtype, device=ids.device)
+        keys.index_copy_(0, layout.flat, key)
+        queries.index_copy_(0, layout.flat, query)
     keys = keys.view(layout.groups, layout.size, width)
     queries = queries.view(layout.groups, layout.size, width)
     hit = torch.empty((layout.groups, layout.size, width), dtype=torch.bool, device=ids.device)
-    chunk = max(1, _CHUNK_ELEMENTS // (layout.size * layout.size * max(width, 1)))
+    chunk = max(1, _CHUNK_ELEMENTS // (layout.size * max(width, 1)))
     for start in range(0, layout.groups, chunk):  # one pass unless the batch is huge
         stop = start + chunk
-        hit[start:stop] = (queries[start:stop, :, None, :] == keys[start:stop, None, :, :]).any(dim=2)
-    return hit.view(cells, width).index_select(0, layout.flat)
+        q, out = queries[start:stop], hit[start:stop]
+        # Against each member slot in turn (S compares of the whole chunk, no (groups, S, S, W) temporary).
+        torch.eq(q, keys[start:stop, :1], out=out)
+        for slot in range(1, layout.size):
+            out |= q == keys[start:stop, slot : slot + 1]
+    hit = hit.view(cells, width)
+    return hit if layout.identity else hit.index_select(0, layout.flat)
+
+
+def _sub_layout(layout: _Layout, keep: torch.Tensor) -> tuple[_Layout, torch.Tensor]:
+    """The layout of the groups where ``keep`` ``(groups,)`` holds, and the positions ``(M',)`` of their
+    rows among ``layout.rows`` (members keep their slots)."""
+    group = torch.div(layout.flat, layout.size, rounding_mode="floor")
+    members = keep[group].nonzero().flatten()
+    renumber = torch.cumsum(keep.to(torch.int64), 0) - 1
+    flat = renumber[group[members]] * layout.size + layout.flat[members] % layout.size
+    sub = _Layout(layout.rows[members], flat, layout.sign[members], int(keep.sum()), layout.size, layout.dense, False)
+    return sub, members
 
 
 def _run_lengths(
@@ -101,35 +128,48 @@ def _run_lengths(
 ) -> torch.Tensor:
     """``(M,)`` aligned steps before each participating completion's first non-shared real token.
 
-    ``ids``/``valid`` are the whole batch's ``(N, T)``; only the participating rows' columns are read.
+    ``ids``/``valid``: the participating rows' ``(M, T)`` token ids and real-token mask.
     ``last`` ``(M,)``: each row's last real column. Forward alignment: step = column; backward: step
-    ``s`` = column ``last - s``. Columns are compared in blocks of ``block`` (doubling after each pass)
-    for all rows at once, stopping as soon as every run has ended or run out of tokens (runs are
-    usually a few tokens of shared format, so the search rarely passes the first block).
+    ``s`` = column ``last - s``. Columns are compared in blocks of ``block`` (doubling after each pass),
+    stopping as soon as every run has ended or run out of tokens. Runs are usually a few tokens of
+    shared format, so after the first pass only the few groups with a run still going are searched on.
     """
     m, t = layout.rows.numel(), ids.shape[1]
     length = torch.full((m,), t, dtype=torch.int64, device=ids.device)
     alive = torch.ones(m, dtype=torch.bool, device=ids.device)
+    positions = None  # the searched rows' positions among the M (None: all of them)
+    result = length  # the M lengths; ``length`` is rebound (never written in place), so no copy is needed
     start = 0
     while start < t:
         stop = min(t, start + block)
         if not backward:
-            cols_ids = ids[:, start:stop].index_select(0, layout.rows)
-            cols_valid = valid[:, start:stop].index_select(0, layout.rows)
+            cols_ids, cols_valid = ids[:, start:stop], valid[:, start:stop]
         else:
             source = last[:, None] - torch.arange(start, stop, device=ids.device)
             inside = source >= 0
-            source = source.clamp(min=0)
-            cols_ids = ids[layout.rows[:, None], source]
-            cols_valid = valid[layout.rows[:, None], source] & inside
+            source = source.clamp_(min=0)
+            cols_ids = ids.gather(1, source)
+            cols_valid = valid.gather(1, source) & inside
         breaks = cols_valid & ~_shared(layout, cols_ids, cols_valid)
         ended = alive & breaks.any(dim=1)
         length = torch.where(ended, breaks.to(torch.int8).argmax(dim=1) + start, length)
         alive &= ~ended & (last >= stop)  # a row without real tokens left cannot break any more
-        if not bool(alive.any()):
+        if positions is None:
+            result = length
+        else:
+            result.index_copy_(0, positions, length)
+        still = int(alive.sum())
+        if still == 0:
             break
         start, block = stop, 2 * block  # long runs: fewer, wider passes
-    return length
+        if 2 * still < alive.numel() and start < t:  # search on in the groups of the live rows only
+            group = torch.div(layout.flat, layout.size, rounding_mode="floor")
+            keep = torch.zeros(layout.groups, dtype=torch.int64, device=ids.device).scatter_add_(0, group, alive.long()) > 0
+            layout, members = _sub_layout(layout, keep)
+            ids, valid = ids.index_select(0, members), valid.index_select(0, members)
+            last, length, alive = last[members], length[members], alive[members]
+            positions = members if positions is None else positions[members]
+    return result
 
 
 def conflict_masks(
@@ -164,11 +204,14 @@ def conflict_masks(
         empty = torch.zeros((n, t), dtype=torch.bool, device=ids.device)
         return empty, empty.clone()
     columns = torch.arange(t, device=ids.device, dtype=torch.int32)
-    last = torch.where(valid.index_select(0, layout.rows), columns, -1).amax(dim=1).to(torch.int64)
+    every = layout.identity and layout.rows.numel() == n  # all rows take part, in order
+    row_ids = ids if every else ids.index_select(0, layout.rows)
+    row_valid = valid if every else valid.index_select(0, layout.rows)
+    last = torch.where(row_valid, columns, -1).amax(dim=1).to(torch.int64)
     ahead = torch.zeros(n, dtype=torch.int64, device=ids.device)
-    ahead[layout.rows] = _run_lengths(layout, ids, valid, last, False, block)
+    ahead[layout.rows] = _run_lengths(layout, row_ids, row_valid, last, False, block)
     first_behind = torch.full((n,), t, dtype=torch.int64, device=ids.device)
-    first_behind[layout.rows] = last + 1 - _run_lengths(layout, ids, valid, last, True, block)
+    first_behind[layout.rows] = last + 1 - _run_lengths(layout, row_ids, row_valid, last, True, block)
     forward = valid & (columns < ahead[:, None])
     backward = valid & (columns >= first_behind[:, None])
     return forward, backward
@@ -289,6 +332,11 @@ class GTPO(Method):
     name = "gtpo"
     Config = GTPOConfig
     paper = "https://arxiv.org/abs/2508.03772"
+
+    def requires(self) -> set[str]:
+        """The behaviour log-probs when the entropy rule reads them (``entropy_source='sampled'``)."""
+        cfg = self.config
+        return {"old_log_probs"} if cfg.entropy_filter and cfg.entropy_source == "sampled" else set()
 
     def disabled_hooks(self) -> set[str]:
         cfg, off = self.config, set()

@@ -216,9 +216,10 @@ def robust_epoch_estimate(
     present = ~torch.isnan(joined)
     from_right = present.flip(1).long().cumsum(1).flip(1)  # 1 = newest present reward
     keep = present & (from_right <= width)
-    rows = torch.arange(joined.shape[0])[:, None].expand_as(joined)
-    new_buffer = torch.full_like(buffer, float("nan"))
-    new_buffer[rows[keep], (width - from_right)[keep]] = joined[keep]
+    # Kept rewards go to their column (distinct within a row); the rest to a spare column dropped after.
+    target = torch.where(keep, width - from_right, width)
+    spare = torch.full((buffer.shape[0], width + 1), float("nan"), dtype=joined.dtype, device=joined.device)
+    new_buffer = spare.scatter_(1, target, joined)[:, :width]
     epoch_mean = torch.nanmean(epoch_rewards, dim=1)
     if not robust:
         return new_buffer, epoch_mean
@@ -229,12 +230,15 @@ def right_aligned(values: torch.Tensor, index: torch.Tensor, num_groups: int) ->
     """Scatter ``values`` ``(N,)`` into ``(G, M)`` rows by group, right-aligned in batch order, NaN-padded."""
     sizes = torch.bincount(index, minlength=num_groups)
     width = int(sizes.max()) if sizes.numel() else 0
-    order = torch.sort(index, stable=True).indices
     starts = torch.cumsum(sizes, 0) - sizes
-    sorted_index = index[order]
+    if bool((index[1:] >= index[:-1]).all()):  # already grouped in order (the usual layout): no sort
+        sorted_index, sorted_values = index, values
+    else:
+        order = torch.sort(index, stable=True).indices
+        sorted_index, sorted_values = index[order], values[order]
     rank = torch.arange(index.numel()) - starts[sorted_index]
     out = torch.full((num_groups, width), float("nan"), dtype=torch.float64)
-    out[sorted_index, width - sizes[sorted_index] + rank] = values[order].double()
+    out[sorted_index, width - sizes[sorted_index] + rank] = sorted_values.double()
     return out
 
 

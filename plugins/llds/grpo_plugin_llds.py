@@ -19,17 +19,47 @@ import torch
 from grpo_plugins import LossInputs, Method, hookimpl, option
 
 
+def _run_starts(trainable: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` bool: the token is trainable and the previous token of its row is not."""
+    starts = torch.empty_like(trainable)
+    starts[:, :1] = trainable[:, :1]
+    torch.gt(trainable[:, 1:], trainable[:, :-1], out=starts[:, 1:])
+    return starts
+
+
+def _running_action(trainable: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` int32/int64 number of actions started at or before each token (over the flattened batch)."""
+    dtype = torch.int32 if trainable.numel() < (1 << 31) else torch.int64
+    return torch.cumsum(_run_starts(trainable).view(-1), 0, dtype=dtype).view_as(trainable)
+
+
 def action_index(trainable: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` integer id of each token's action; 0 outside, actions numbered 1.. over the whole batch.
 
     An action is a maximal run of consecutive ``trainable`` ``(B, T)`` tokens within a row (runs never
     cross rows). Found with one cumulative sum over run starts.
     """
-    starts = trainable.clone()
-    starts[:, 1:] &= ~trainable[:, :-1]
-    dtype = torch.int32 if trainable.numel() < (1 << 31) else torch.int64
-    ids = torch.cumsum(starts.reshape(-1), 0, dtype=dtype).view_as(trainable)
-    return ids.masked_fill_(~trainable, 0)
+    return _running_action(trainable) * trainable
+
+
+def _gate(
+    displacement: torch.Tensor, preserving: torch.Tensor, level: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B, T)`` gate of :func:`displacement_gate`, the number of gated actions and of all actions (0-d)."""
+    d = displacement.detach() * preserving  # 0 off the preserving set
+    if level == "response":
+        gate = (d.sum(dim=1, keepdim=True) > 0) & preserving
+        starts = _run_starts(preserving).sum(dim=1)
+        return gate, (gate[:, 0] * starts).sum(), starts.sum()
+    # Every token adds its d to the bin of the last action started before it; tokens off the preserving
+    # set add 0, so each bin sums its action exactly (bin 0: tokens before the batch's first action).
+    running = _running_action(preserving)
+    flat = running.view(-1)
+    rows, width = preserving.shape
+    bins = rows * ((width + 1) // 2) + 1  # at most ceil(T / 2) actions per row, plus bin 0
+    totals = d.new_zeros(bins).index_add_(0, flat, d.view(-1))
+    gate = (totals.index_select(0, flat).view_as(d) > 0) & preserving
+    return gate, (totals[1:] > 0).sum(), flat[-1]
 
 
 def displacement_gate(
@@ -43,12 +73,20 @@ def displacement_gate(
         level: ``"action"``: ``1[sum over the token's action of d > 0]``; ``"response"``:
             ``1[sum over the row's preserving tokens of d > 0]``. Always 0 outside ``preserving``.
     """
-    d = displacement.detach().masked_fill(~preserving, 0.0)
-    if level == "response":
-        return (d.sum(dim=1, keepdim=True) > 0) & preserving
-    ids = action_index(preserving)
-    totals = d.new_zeros(ids.numel() + 1).index_add_(0, ids.reshape(-1), d.reshape(-1))
-    return (totals[ids] > 0) & preserving
+    return _gate(displacement, preserving, level)[0]
+
+
+def _penalty_parts(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, level: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``d`` (with gradient), the 0/1 ``(B, T)`` factor ``g * 1[d >= 0]`` (penalty = ``d`` times it), the
+    gate, and the numbers of gated and of all actions (0-d)."""
+    displacement = old_log_probs.detach() - log_probs
+    preserving = (mask > 0) & (advantages >= 0)
+    gate, gated, actions = _gate(displacement, preserving, level)
+    # ``g * max(0, d)`` as ``d * 1[g and d >= 0]``: ``>=`` keeps clamp's gradient at d = 0.
+    active = (gate & (displacement >= 0)).to(log_probs.dtype)
+    return displacement, active, gate, gated, actions
 
 
 def llds_penalty(
@@ -71,10 +109,8 @@ def llds_penalty(
         ``(penalty (B, T), gate (B, T) bool)``; the penalty carries gradient through ``log_probs``
         only, the gate none.
     """
-    displacement = old_log_probs.detach() - log_probs
-    preserving = (mask > 0) & (advantages >= 0)
-    gate = displacement_gate(displacement, preserving, level)
-    return gate.to(log_probs.dtype) * displacement.clamp(min=0), gate
+    displacement, active, gate, _, _ = _penalty_parts(log_probs, old_log_probs, advantages, mask, level)
+    return displacement * active, gate
 
 
 @dataclass(frozen=True)
@@ -110,15 +146,16 @@ class LLDS(Method):
     def loss_terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         """``{"llds": (B, T) lambda_t * penalty_t}``, aggregated like the policy loss (token mean in the paper)."""
         cfg = self.config
-        penalty, gate = llds_penalty(inputs.log_probs, inputs.old_log_probs, inputs.advantages, inputs.mask, cfg.level)
-        weight = torch.full_like(penalty, cfg.coef)
-        if cfg.answer_coef is not None:
+        displacement, active, _, gated, actions = _penalty_parts(
+            inputs.log_probs, inputs.old_log_probs, inputs.advantages, inputs.mask, cfg.level
+        )
+        if cfg.answer_coef is None:
+            weight = active * cfg.coef
+        else:
             span = inputs.row_data.get("answer_span")
             if span is None:
                 raise ValueError("llds: answer_coef is set but row_data['answer_span'] (B, T) is missing")
-            weight = torch.where(span.to(torch.bool), min(cfg.answer_coef, cfg.coef), weight)
-        preserving = (inputs.mask > 0) & (inputs.advantages >= 0)
-        starts = preserving.clone()
-        starts[:, 1:] &= ~preserving[:, :-1]
-        self.log_metric("frac_gated_actions", (gate & starts).sum() / starts.sum().clamp(min=1))
-        return {"llds": weight * penalty}
+            low, coef = active.new_tensor(min(cfg.answer_coef, cfg.coef)), active.new_tensor(cfg.coef)
+            weight = active * torch.where(span.to(torch.bool), low, coef)
+        self.log_metric("frac_gated_actions", gated / actions.clamp(min=1))
+        return {"llds": displacement * weight}  # lambda_t * g * max(0, d), one product with gradient

@@ -42,6 +42,30 @@ def sapo_gate_weight(ratio: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return 4.0 * s * (1.0 - s)
 
 
+def _sapo_parts(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    tau_pos: float,
+    tau_neg: float,
+    mask: torch.Tensor | None,
+    log_ratio_bound: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`sapo_token_loss`'s ``(B, T)`` loss, the ``(B, T)`` sigmoid ``s`` it used and the ``(B, T)``
+    bool keep-mask (None without a mask): the metrics reuse ``s`` rather than recomputing the gate."""
+    log_ratio = log_probs - old_log_probs
+    advantages = advantages.expand_as(log_ratio)
+    keep = None
+    if mask is not None:
+        keep = mask > 0
+        log_ratio = torch.where(keep, log_ratio, 0.0)  # a select, so padded NaN/inf cannot leak
+        advantages = advantages * keep  # finite (checked upstream): 0 off the mask
+    ratio = torch.exp(log_ratio.clamp(-log_ratio_bound, log_ratio_bound))
+    tau = sapo_temperatures(advantages, tau_pos, tau_neg)
+    s = torch.sigmoid(tau * (ratio - 1.0))
+    return -(s * (4.0 / tau)) * advantages, s, keep
+
+
 def sapo_token_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -66,15 +90,7 @@ def sapo_token_loss(
     The loss is not aggregated: the caller applies the trainer's aggregation (SAPO's paper uses the
     sequence mean of per-sequence token means).
     """
-    log_ratio = log_probs - old_log_probs
-    advantages = advantages.expand_as(log_ratio)
-    if mask is not None:
-        keep = mask > 0
-        log_ratio = torch.where(keep, log_ratio, torch.zeros_like(log_ratio))
-        advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
-    ratio = torch.exp(log_ratio.clamp(-log_ratio_bound, log_ratio_bound))
-    tau = sapo_temperatures(advantages, tau_pos, tau_neg)
-    return -sapo_gate(ratio, tau) * advantages
+    return _sapo_parts(log_probs, old_log_probs, advantages, tau_pos, tau_neg, mask, log_ratio_bound)[0]
 
 
 @dataclass(frozen=True)
@@ -107,15 +123,14 @@ class SAPO(Method):
     def policy_surrogate(self, inputs: LossInputs) -> torch.Tensor:
         """``(B, T)`` per-token SAPO loss; the trainer's clip range is not used."""
         config = self.config
-        loss = sapo_token_loss(
+        loss, s, keep = _sapo_parts(
             inputs.log_probs, inputs.old_log_probs, inputs.advantages, config.tau_pos, config.tau_neg,
-            mask=inputs.mask, log_ratio_bound=config.log_ratio_bound,
+            inputs.mask, config.log_ratio_bound,
         )
         with torch.no_grad():
-            log_ratio = (inputs.log_probs - inputs.old_log_probs).clamp(-config.log_ratio_bound, config.log_ratio_bound)
-            tau = sapo_temperatures(inputs.advantages.expand_as(log_ratio), config.tau_pos, config.tau_neg)
-            weight = sapo_gate_weight(torch.exp(log_ratio), tau)
-            tokens = (inputs.mask > 0).to(weight.dtype)
+            s = s.detach()
+            weight = 4.0 * s * (1.0 - s)  # sapo_gate_weight of the same ratios and temperatures
+            tokens = keep.to(weight.dtype)
             self.log_metric("gate_weight_mean", masked_mean(weight, tokens))
             self.log_metric("frac_gate_weight_below_half", masked_mean((weight < 0.5).to(weight.dtype), tokens))
         return loss

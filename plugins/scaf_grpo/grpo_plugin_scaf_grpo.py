@@ -98,7 +98,9 @@ class ScafGRPOConfig:
     chunks_per_tier: int = option(4, "Hint levels within a tier: level j of a tier shows its first j chunks.", paper=4)
     template: str = option("\n{label}: {hint}", "How a hint is appended to the prompt (or to the last user message).")
     total_steps: int = option(
-        0, "Optimiser steps of the whole run (the trainer's max_steps), to turn warmup_fraction into steps."
+        0,
+        "Optimiser steps of the whole run, to turn warmup_fraction into steps; 0 takes the trainer's run length "
+        "(PromptRound.total_steps / GRPOBatch.total_steps, e.g. TRL's max_steps).",
     )
     warmup_fraction: float = option(0.15, "Hint-free fraction of training (used when warmup_steps < 0).", paper=0.15)
     warmup_steps: int = option(
@@ -117,11 +119,8 @@ class ScafGRPOConfig:
             raise ValueError("hint_columns and hint_labels must be non-empty and of equal length")
         if self.chunks_per_tier < 1:
             raise ValueError("chunks_per_tier must be >= 1")
-        if self.warmup_steps < 0 and self.total_steps <= 0:
-            raise ValueError(
-                "scaf_grpo needs the run length for its warm-up: set total_steps (the run's optimiser steps) or "
-                "warmup_steps"
-            )
+        if self.total_steps < 0:
+            raise ValueError("total_steps must be >= 0 (0 = the trainer's run length)")
         if not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError("warmup_fraction must be in [0, 1]")
         if "{hint}" not in self.template:
@@ -145,10 +144,26 @@ class ScafGRPO(Method):
 
     @property
     def warmup_steps(self) -> int:
-        """Hint-free optimiser steps."""
-        if self.config.warmup_steps >= 0:
-            return self.config.warmup_steps
-        return int(round(self.config.warmup_fraction * self.config.total_steps))
+        """Hint-free optimiser steps, from the config alone (see :meth:`warmup_for`)."""
+        return self.warmup_for(None)
+
+    def warmup_for(self, run_steps: int | None) -> int:
+        """Hint-free optimiser steps: ``warmup_steps`` when set, else ``round(warmup_fraction * total)`` with
+        ``total`` the config's ``total_steps`` or, when that is 0, the trainer's ``run_steps``.
+
+        Raises:
+            ValueError: the warm-up depends on a run length that neither the config nor the trainer gives.
+        """
+        c = self.config
+        if c.warmup_steps >= 0:
+            return c.warmup_steps
+        total = c.total_steps if c.total_steps > 0 else (run_steps or 0)
+        if total <= 0:
+            raise ValueError(
+                "scaf_grpo needs the run length for its warm-up and the trainer did not give it "
+                "(total_steps is None): set total_steps (the run's optimiser steps) or warmup_steps"
+            )
+        return int(round(c.warmup_fraction * total))
 
     @property
     def max_level(self) -> int:
@@ -201,7 +216,7 @@ class ScafGRPO(Method):
     def augment_prompts(self, round: PromptRound, prompt_ids: torch.Tensor, prompts: list, rows: list[dict]) -> list:
         """Append each stuck prompt's current hint tier; other prompts pass unchanged."""
         levels = self.levels_of(prompt_ids)
-        if round.step < self.warmup_steps:
+        if round.step < self.warmup_for(round.total_steps):
             levels = torch.zeros_like(levels)
         out = list(prompts)
         hinted = levels.nonzero().flatten().tolist()
@@ -231,7 +246,7 @@ class ScafGRPO(Method):
         """Update per-prompt stuck flags and hint levels from the finished step's groups."""
         solved = group_solved(self._correct(batch), batch.group_index, batch.num_groups)
         self.log_metric("frac_groups_unsolved", (~solved).float().mean())
-        if step <= self.warmup_steps:  # the step just taken is still inside the hint-free warm-up
+        if step <= self.warmup_for(batch.total_steps):  # the step just taken is still inside the hint-free warm-up
             return
         ids = batch.group_prompt_ids.long().cpu()
         solved = solved.cpu()

@@ -108,7 +108,8 @@ class SPOConfig:
     )
     single_rollout: bool = option(
         False,
-        "Provide allocate_rollouts giving each prompt 1 completion (the round's budget must equal its prompt count).",
+        "One completion per prompt: the sampler draws round.budget prompts and allocate_rollouts gives each 1 "
+        "(without the sampler, the round's budget must equal its prompt count).",
         paper=True,
     )
     rho_mode: Literal["logprob_shift", "constant"] = option(
@@ -161,6 +162,10 @@ class SPO(Method):
             last_log_prob=(float("nan"), torch.float64, ()),  # mean behaviour log-prob at the last visit
         )
 
+    def requires(self) -> set[str]:
+        """The behaviour log-probs, for the forgetting factor of ``rho_mode='logprob_shift'``."""
+        return {"old_log_probs"} if self.config.rho_mode == "logprob_shift" else set()
+
     def disabled_hooks(self) -> set[str]:
         off = set()
         if not self.config.use_sampler:
@@ -197,9 +202,13 @@ class SPO(Method):
     # ----------------------------------------------------------------- hooks
     @hookimpl
     def sample_prompts(self, round: PromptRound, generator: torch.Generator) -> torch.Tensor:
-        """``(P,)`` dataset indices drawn with probability proportional to ``sqrt(v(1-v)) + eps``."""
+        """``(P,)`` dataset indices drawn with probability proportional to ``sqrt(v(1-v)) + eps``.
+
+        ``P`` is ``round.num_prompts``, or ``round.budget`` with ``single_rollout`` (one completion each).
+        """
         alpha, beta = self.tracker(torch.arange(round.dataset_size))
-        chosen = draw_prompts(sampling_weights(alpha, beta, self.config.sampling_epsilon), round.num_prompts, generator)
+        count = round.budget if self.config.single_rollout else round.num_prompts
+        chosen = draw_prompts(sampling_weights(alpha, beta, self.config.sampling_epsilon), count, generator)
         value = tracker_value(alpha[chosen], beta[chosen])
         self.log_metric("sampled_value_variance", (value * (1 - value)).mean())
         return chosen

@@ -114,6 +114,10 @@ class Unlikeliness(Method):
     Config = UnlikelinessConfig
     paper = "https://arxiv.org/abs/2506.02355"
 
+    def requires(self) -> set[str]:
+        """The behaviour log-probs that rank the completions."""
+        return {"old_log_probs"}
+
     @hookimpl
     def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
         """``(N,)`` rank-penalised rewards; needs ``batch.old_log_probs`` and ``batch.completion_mask``."""
@@ -121,9 +125,8 @@ class Unlikeliness(Method):
             missing = "old_log_probs" if batch.old_log_probs is None else "completion_mask"
             raise ValueError(
                 f"the unlikeliness reward ranks completions by their behaviour-policy log-likelihood, but the batch "
-                f"has no {missing}. The trainer must provide per-token old log-probs (in TRL they exist when "
-                "num_iterations > 1, as in the paper's recipe of 2 epochs, or steps_per_generation > "
-                "gradient_accumulation_steps)"
+                f"has no {missing}. The adapter must provide per-token old log-probs (this method requires them; "
+                "the TRL adapter computes them when TRL itself would not)"
             )
         scores = sequence_scores(batch.old_log_probs, batch.completion_mask, self.config.score)
         index, groups = batch.group_index, batch.num_groups

@@ -1,8 +1,8 @@
 """The loss when methods implement ``policy_surrogate``, ``gate_loss`` or ``loss_terms``.
 
-It mirrors ``GRPOTrainer._compute_loss`` (TRL 1.16) for the PPO-clip losses ``grpo``, ``bnpo``,
-``dr_grpo`` and ``dapo`` at token level: the same forward pass, TRL's clipped surrogate as the
-default ``policy_surrogate``, the methods' gates and terms, ``beta * KL``, and TRL's aggregation and
+It mirrors ``GRPOTrainer._compute_loss`` (TRL 1.16) for the losses ``grpo``, ``bnpo``, ``dr_grpo``,
+``dapo`` and ``sapo`` at token level: the same forward pass, TRL's surrogate (clipped, or SAPO's soft
+gate) as the default ``policy_surrogate``, the methods' gates and terms, ``beta * KL``, and TRL's aggregation and
 gradient-accumulation scaling for the loss type. With gates of 1 and no terms it returns TRL's loss
 bit for bit (tested). It logs the metrics TRL logs, plus ``plugins/<method>/<term>``.
 """
@@ -21,14 +21,20 @@ if TYPE_CHECKING:
 
 
 def trl_clip_surrogate(trainer: "PluginGRPOTrainer", advantages: torch.Tensor, ratio: torch.Tensor):
-    """TRL's per-token PPO-clip loss ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)`` (with TRL's
-    optional ``delta`` cap on ``r``), as a ``LossInputs -> (B, T)`` callable.
+    """TRL's per-token policy loss for its ``loss_type``, as a ``LossInputs -> (B, T)`` callable: the
+    PPO-clip loss ``-min(r A, clip(r, 1-eps_low, 1+eps_high) A)`` (with TRL's optional ``delta`` cap on
+    ``r``), or for ``sapo`` TRL's soft gate ``-sigmoid(tau (r - 1)) * 4 / tau * A`` (``tau`` the
+    positive- or negative-advantage temperature).
 
     ``advantages`` is TRL's ``(B, 1)`` or ``(B, T)`` tensor and ``ratio`` the ``(B, T)`` ratio node
     the KL term shares, used as TRL uses them (so gradients accumulate in TRL's order).
     """
 
     def surrogate(inputs: LossInputs) -> torch.Tensor:
+        if trainer.loss_type == "sapo":
+            args = trainer.args
+            temperatures = torch.where(advantages > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
+            return -(torch.sigmoid(temperatures * (ratio - 1)) * 4 / temperatures) * advantages
         coef_1 = ratio
         coef_2 = torch.clamp(coef_1, 1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
         if trainer.args.delta is not None:
@@ -43,7 +49,7 @@ def aggregate(trainer: "PluginGRPOTrainer", per_token: torch.Tensor, mask: torch
     for gradient accumulation, as TRL's ``loss_is_scaled_for_ga`` requires)."""
     accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
     loss_type = trainer.loss_type
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):  # TRL aggregates both as the mean over rows of each row's token mean
         return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
     if loss_type == "bnpo":
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
@@ -150,7 +156,7 @@ def plugin_loss(trainer: "PluginGRPOTrainer", model: Any, inputs: dict) -> torch
 
 
 def _log_metrics(trainer, mode, mask, entropies, coef_1, advantages, per_token_kl) -> None:
-    """TRL's loss metrics: ``kl``, ``entropy`` and the ``clip_ratio/*`` family."""
+    """TRL's loss metrics: ``kl``, ``entropy`` and (clipped losses) the ``clip_ratio/*`` family."""
     accelerator, metrics = trainer.accelerator, trainer._metrics[mode]
 
     def masked_seq_mean(x):
@@ -163,6 +169,8 @@ def _log_metrics(trainer, mode, mask, entropies, coef_1, advantages, per_token_k
     if per_token_kl is not None:
         metrics["kl"].append(global_masked_mean(per_token_kl))
     metrics["entropy"].append(global_masked_mean(entropies))
+    if trainer.loss_type == "sapo":  # TRL logs no clip ratios for its soft gate
+        return
     is_low = (coef_1 < 1 - trainer.epsilon_low) & (advantages < 0)
     is_high = (coef_1 > 1 + trainer.epsilon_high) & (advantages > 0)
     metrics["clip_ratio/low_mean"].append(global_masked_mean(is_low.float()))

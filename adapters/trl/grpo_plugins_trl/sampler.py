@@ -1,7 +1,9 @@
 """``PluginSampler``: TRL's ``RepeatSampler`` layout with prompts and rollout counts chosen by methods.
 
 One round is ``budget`` (= ``generation_batch_size``) dataset indices: the round's prompts, each
-repeated by its rollout count, consecutively (rows are grouped by prompt). The round is yielded
+repeated by its rollout count, consecutively (rows are grouped by prompt). A ``sample_prompts``
+method may choose any number of prompts from 1 to ``budget`` (e.g. ``budget`` prompts of one
+completion each); the counts come from ``allocate_rollouts`` or split the budget evenly. The round is yielded
 ``repeat_count`` (= ``num_iterations * steps_per_generation``) times, because TRL consumes the
 dataloader on every micro-step but generates from the first block only. Every rank builds the same
 sampler with the same seed and calls the same hooks, so all ranks see identical rounds and
@@ -26,7 +28,9 @@ class PluginSampler(Sampler[int]):
 
     Without a ``sample_prompts`` provider, prompts are drawn like ``RepeatSampler``: a seeded
     permutation of the dataset cut into rounds of ``num_prompts``. Without an ``allocate_rollouts``
-    provider, every prompt gets ``default_rollouts`` completions.
+    provider, the budget is split evenly over the round's prompts (``default_rollouts`` each for
+    ``num_prompts`` prompts). ``total_steps`` returns the run's length when known (read when a round
+    is planned, since the trainer sets it after building the dataloader).
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class PluginSampler(Sampler[int]):
         shuffle: bool = True,
         seed: int = 0,
         on_round: Callable[[torch.Tensor], None] | None = None,
+        total_steps: Callable[[], int | None] | None = None,
     ):
         self.composition = composition
         self.dataset_size = dataset_size
@@ -51,6 +56,7 @@ class PluginSampler(Sampler[int]):
         self.steps_per_round = steps_per_round
         self.shuffle = shuffle
         self.on_round = on_round
+        self.total_steps = total_steps
         self.generator = torch.Generator().manual_seed(seed)
         self.rounds_planned = 0
 
@@ -66,13 +72,12 @@ class PluginSampler(Sampler[int]):
             dataset_size=self.dataset_size,
             step=int(self.rounds_planned * self.steps_per_round),
             default_rollouts=self.default_rollouts,
+            total_steps=self.total_steps() if self.total_steps is not None else None,
         )
         prompts = self.composition.run_sample_prompts(round, self.generator)
         if prompts is None:
             prompts = default_prompts
-        counts = self.composition.run_allocate_rollouts(round, prompts)
-        if counts is None:
-            counts = torch.full_like(prompts, self.default_rollouts)
+        counts = self.composition.rollout_counts(round, prompts)
         self.rounds_planned += 1
         return torch.repeat_interleave(prompts, counts)
 

@@ -142,6 +142,7 @@ def tiny_grpo_run(
     callbacks: Sequence[Any] | None = None,
     resume_from_checkpoint: str | bool | None = None,
     train: bool = True,
+    model_config: dict | None = None,
     **grpo_config_overrides: Any,
 ):
     """Train the tiny model for ``max_steps`` optimiser steps on CPU in fp32 and return the trainer.
@@ -157,6 +158,8 @@ def tiny_grpo_run(
         callbacks: extra ``TrainerCallback`` objects.
         resume_from_checkpoint: passed to ``trainer.train``.
         train: False returns the trainer without training.
+        model_config: keyword arguments of :func:`tiny_model` (``hidden_size``, ``num_layers``) for a
+            larger model; the defaults give the 2-layer, hidden-32 model.
         **grpo_config_overrides: any ``GRPOConfig`` field (``loss_type``, ``beta``, ``num_iterations``, ...).
             ``beta > 0`` saves the model to a temporary folder and passes its path, because TRL builds
             the reference model from the policy's path.
@@ -182,7 +185,7 @@ def tiny_grpo_run(
     settings.update(grpo_config_overrides)
     args = config_cls(max_steps=max_steps, **settings)
 
-    model: Any = tiny_model(seed)
+    model: Any = tiny_model(seed, **(model_config or {}))
     tokenizer = tiny_tokenizer()
     if args.beta != 0.0:
         path = os.path.join(args.output_dir, "initial_model")

@@ -3,7 +3,8 @@
 Where each hook runs (TRL 1.16):
 
 - ``sample_prompts`` / ``allocate_rollouts``: :class:`~grpo_plugins_trl.sampler.PluginSampler`
-  replaces ``_get_train_sampler``; one round = ``generation_batch_size`` rows grouped by prompt.
+  replaces ``_get_train_sampler``; one round = ``generation_batch_size`` rows grouped by prompt
+  (any number of prompts from 1 to ``generation_batch_size``).
 - ``augment_prompts``: at the start of ``_generate_and_score_completions``, on the global round.
 - ``shape_rewards`` -> ``compute_advantages`` -> ``adjust_advantages`` -> ``mask_tokens``: after
   TRL's own scoring, on the GLOBAL generation batch (rewards gathered by ``_calculate_rewards``,
@@ -35,7 +36,11 @@ from grpo_plugins.errors import CompositionError
 STATE_FILE = "grpo_plugins_state.pt"
 ROW_DATA_PREFIX = "grpo_plugins.row_data."
 TOKEN_WEIGHTS_KEY = "grpo_plugins.token_weights"
-LOSS_HOOK_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+INDEX_KEY = "grpo_plugins.dataset_index"  # carried from the dataset to the trainer, removed before TRL sees rows
+LOSS_HOOK_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sapo")
+# Multimodal inputs TRL's forward pass takes from its output dict.
+FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+                "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
 @dataclass
@@ -51,6 +56,20 @@ class PluginGRPOConfig(GRPOConfig):
             "mappings, e.g. ['spo', {'gtpo': {'alpha': 1.0}}]."
         },
     )
+
+
+class IndexedRows(torch.utils.data.Dataset):
+    """A map-style dataset whose rows also carry their index (under ``INDEX_KEY``), so that the
+    trainer knows which dataset index the sampler chose for each row."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], INDEX_KEY: int(index)}
 
 
 def stable_prompt_id(prompt: Any) -> int:
@@ -110,12 +129,45 @@ class PluginGRPOTrainer(GRPOTrainer):
         self.last_plugin_batch: GRPOBatch | None = None  # the global batch of the latest advantage stage
         self._plugin_gathered: dict[str, Any] = {}
         self._plugin_dataset_rows: list[dict] | None = None
-        self.add_callback(_ObserveCallback(self))
+        self._plugin_local_ids: list[int] = []
+        # Nothing but the built-in ``grpo`` at TRL's own settings: GRPOTrainer's code path runs unchanged.
+        self._plugin_passthrough = not c.user_methods and self._grpo_is_trls()
+        if not self._plugin_passthrough:
+            self.add_callback(_ObserveCallback(self))
+
+    def _grpo_is_trls(self) -> bool:
+        """Whether the built-in ``grpo`` method is configured as TRL's own estimator (scale and epsilon)."""
+        config = self.composition.method("grpo").config
+        return config.scale == _scale_name(self.args.scale_rewards) and config.epsilon == 1e-4
+
+    @property
+    def plans_rounds(self) -> bool:
+        """Whether a method chooses the prompts or rollout counts (the adapter's sampler plans the rounds)."""
+        c = self.composition
+        return c.implements("sample_prompts") or c.implements("allocate_rollouts")
+
+    def total_steps(self) -> int | None:
+        """The run's optimiser steps (``max_steps``), or None before training when only epochs are set."""
+        steps = self.state.max_steps if self.state.max_steps > 0 else self.args.max_steps
+        return int(steps) if steps and steps > 0 else None
 
     # ------------------------------------------------------------------ sampling
+    def get_train_dataloader(self):
+        dataset = self.train_dataset
+        if not self.plans_rounds or "prompt_id" in dataset[0]:
+            return super().get_train_dataloader()
+        # No prompt_id column: rows carry the index the sampler chose, which becomes their prompt id.
+        return self._get_dataloader(
+            dataset=IndexedRows(dataset),
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,  # as GRPOTrainer's
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
     def _get_train_sampler(self, dataset=None):
         c = self.composition
-        if not (c.implements("sample_prompts") or c.implements("allocate_rollouts")):
+        if not self.plans_rounds:
             return super()._get_train_sampler(dataset)
         from grpo_plugins_trl.sampler import PluginSampler
 
@@ -130,6 +182,7 @@ class PluginGRPOTrainer(GRPOTrainer):
             shuffle=self.shuffle_dataset,
             seed=self.args.seed,
             on_round=self._record_round,
+            total_steps=self.total_steps,
         )
 
     def _record_round(self, indices: torch.Tensor) -> None:
@@ -139,14 +192,20 @@ class PluginGRPOTrainer(GRPOTrainer):
         self._plugin_rounds.append(indices)
 
     # ------------------------------------------------------------------ advantage stage
-    def _local_prompt_ids(self, inputs: list[dict]) -> list[int]:
+    @staticmethod
+    def _local_prompt_ids(inputs: list[dict]) -> list[int]:
+        """Each dataset row's prompt id: its ``prompt_id`` column, else the dataset index the adapter's
+        sampler chose (when a method plans the rounds), else a stable hash of the prompt text. Read
+        from the rows as the dataset holds them, before ``augment_prompts``."""
         if inputs and "prompt_id" in inputs[0]:
             return [int(x["prompt_id"]) for x in inputs]
+        if inputs and INDEX_KEY in inputs[0]:
+            return [int(x[INDEX_KEY]) for x in inputs]
         return [stable_prompt_id(x.get("prompt")) for x in inputs]
 
     def _augment(self, inputs: list[dict]) -> list[dict]:
         """Run ``augment_prompts`` on the global round (each distinct prompt once, identically on every rank)."""
-        local_ids = self._local_prompt_ids(inputs)
+        local_ids = self._plugin_local_ids
         all_ids = gather_object(local_ids)
         all_rows = gather_object([dict(x) for x in inputs])
         first: dict[int, int] = {}
@@ -160,6 +219,7 @@ class PluginGRPOTrainer(GRPOTrainer):
             dataset_size=len(dataset) if hasattr(dataset, "__len__") else 0,
             step=self.state.global_step,
             default_rollouts=self.num_generations,
+            total_steps=self.total_steps(),
         )
         prompts = self.composition.run_augment_prompts(
             round,
@@ -173,11 +233,11 @@ class PluginGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.model.training:
+        if self.model.training and not self._plugin_passthrough:
             # Same global order as the gathered rewards: rank 0's rows, then rank 1's, ...
             self._plugin_gathered = {
                 "rewards_per_func": rewards_per_func,
-                "prompt_ids": gather_object(self._local_prompt_ids(inputs)),
+                "prompt_ids": gather_object(list(self._plugin_local_ids)),
                 "prompts": gather_object(list(prompts)),
                 "completions": gather_object(list(completions)),
                 "rows": gather_object(self._plugin_dataset_rows or [dict(x) for x in inputs]),
@@ -185,9 +245,12 @@ class PluginGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        if not self.model.training:
+        if not self.model.training or self._plugin_passthrough:
             return super()._generate_and_score_completions(inputs)
         self._plugin_gathered = {}
+        self._plugin_local_ids = self._local_prompt_ids(inputs)  # from the dataset rows, before any rewrite
+        if inputs and INDEX_KEY in inputs[0]:
+            inputs = [{k: v for k, v in x.items() if k != INDEX_KEY} for x in inputs]
         self._plugin_dataset_rows = None  # the rows before augment_prompts (GRPOBatch.rows)
         if self.composition.implements("augment_prompts"):
             self._plugin_dataset_rows = [dict(x) for x in inputs]
@@ -219,12 +282,13 @@ class PluginGRPOTrainer(GRPOTrainer):
             reward_weights=weights,
             completion_ids=self._gather_rows(out["completion_ids"], self._tokenizer.pad_token_id),
             completion_mask=self._gather_rows(loss_mask).float(),
-            old_log_probs=self._gather_rows(out.get("old_per_token_logps")),
+            old_log_probs=self._gather_rows(self._behaviour_log_probs(out)),
             ref_log_probs=self._gather_rows(out.get("ref_per_token_logps")),
             prompts=gathered["prompts"],
             completions=gathered["completions"],
             rows=gathered["rows"],
             step=self.state.global_step,
+            total_steps=self.total_steps(),
             parallel=ParallelContext(rank=acc.process_index, world_size=acc.num_processes, gathered=True),
         )
         trl_advantages = acc.gather(out["advantages"])  # TRL's own (N,), identical on every rank
@@ -265,11 +329,37 @@ class PluginGRPOTrainer(GRPOTrainer):
         self._plugin_pending.append(batch)
         self.last_plugin_batch = batch
 
+    def _behaviour_log_probs(self, out: dict) -> torch.Tensor | None:
+        """``(n, T)`` old log-probs of this rank's rows: TRL's, or, when TRL skipped them (fully on-policy)
+        and a method requires them, computed here once per generation batch as TRL would compute them
+        (same forward, temperature and micro-batch size, no gradient). They are not put in TRL's output
+        dict, so TRL's loss is unchanged."""
+        old = out.get("old_per_token_logps")
+        if old is not None or "old_log_probs" not in self.composition.required_fields():
+            return old
+        from trl.models.utils import disable_gradient_checkpointing
+
+        prompt_completion_ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        forward_kwargs = {key: out[key] for key in FORWARD_KEYS if key in out}
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            old, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                prompt_completion_ids,
+                attention_mask,
+                out["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+                **forward_kwargs,
+            )
+        return old
+
     def _keeps_trl_advantages(self, batch: GRPOBatch) -> bool:
         c = self.composition
         if c.implements("shape_rewards") or c.implements("adjust_advantages"):
             return False
         if c.providers("compute_advantages") != ["grpo"] or not c.enabled[c.names.index("grpo")].builtin:
+            return False
+        if not self._grpo_is_trls():  # configured otherwise than TRL: the core's estimator decides
             return False
         if self.multi_objective_aggregation != "sum_then_normalize":
             return True  # checked at start-up: nothing else touches the advantage stage

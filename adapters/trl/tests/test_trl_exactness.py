@@ -63,7 +63,9 @@ class UnitGate(Method):
         return torch.ones_like(inputs.log_probs)
 
 
-@pytest.mark.parametrize("loss_type,beta", [("dapo", 0.0), ("grpo", 0.0), ("dr_grpo", 0.0), ("bnpo", 0.0), ("grpo", 0.05)])
+@pytest.mark.parametrize(
+    "loss_type,beta", [("dapo", 0.0), ("grpo", 0.0), ("dr_grpo", 0.0), ("bnpo", 0.0), ("grpo", 0.05), ("sapo", 0.0)]
+)
 def test_adapter_loss_path_equals_trl(loss_type, beta):
     plugin_run = run([UnitGate()], loss_type=loss_type, beta=beta)
     assert_identical(vanilla(loss_type, beta), plugin_run)

@@ -389,8 +389,8 @@ def test_bad_plugin_output_stops_the_step(plugin, hook, problem):
 
 
 def test_startup_errors():
-    with pytest.raises(CompositionError, match="loss_type='sapo'"):
-        tiny_grpo_run([HalveRows()], train=False, loss_type="sapo")
+    with pytest.raises(CompositionError, match="loss_type='cispo'"):
+        tiny_grpo_run([HalveRows()], train=False, loss_type="cispo")
     with pytest.raises(CompositionError, match="no_such_method"):
         tiny_grpo_run(["no_such_method"], train=False)
     with pytest.raises(CompositionError, match="not both"):

@@ -76,7 +76,9 @@ def extra_fields(extras: dict | None, rows: torch.Tensor, response_mask: torch.T
     if "reward_components" in extras:
         components = extras["reward_components"]
         if components.shape[0] != response_mask.shape[0]:
-            raise BatchError(f"the trainer's reward components have {components.shape[0]} rows, verl's batch {response_mask.shape[0]}")
+            raise BatchError(
+                f"the trainer's reward components have {components.shape[0]} rows, verl's batch {response_mask.shape[0]}"
+            )
         fields["reward_components"] = components.to(response_mask.device)[rows]
         fields["reward_names"] = tuple(extras["reward_names"])
         if "reward_weights" in extras:
@@ -111,9 +113,10 @@ def compute_grpo_plugins_advantage(
     composition = runtime.composition
     unserved = [hook for hook in TRAINER_HOOKS if composition.implements(hook)]
     if unserved and not runtime.trainer_attached:
+        methods = sorted({m for hook in unserved for m in composition.providers(hook)})
         raise CompositionError(
-            f"methods {sorted({m for h in unserved for m in composition.providers(h)})} implement {unserved}, which only "
-            "the grpo_plugins trainer runs: set trainer.v1.trainer_mode=grpo_plugins (python -m grpo_plugins_verl.main does)"
+            f"methods {methods} implement {unserved}, which only the grpo_plugins trainer runs: set "
+            "trainer.v1.trainer_mode=grpo_plugins (python -m grpo_plugins_verl.main does)"
         )
     with torch.no_grad():
         index = np.asarray(index, dtype=object)

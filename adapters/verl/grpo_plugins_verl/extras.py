@@ -17,6 +17,8 @@ TOKEN_FIELDS = {"responses": "completion_ids", "old_log_probs": "old_log_probs",
 """TransferQueue field -> ``GRPOBatch`` field, for the ``(B, T)`` response-aligned tensors."""
 ROW_FIELDS = ("extra_fields", "raw_prompt")
 """TransferQueue fields read per row: reward-function extra info and the chat prompt."""
+TOTAL_KEY = "score"
+"""``reward_extra_info`` entry holding verl's total reward (not a component)."""
 
 
 def _plain(value: Any) -> Any:
@@ -29,10 +31,14 @@ def reward_components(
     """``(B, K)`` float reward components from each row's ``reward_extra_info`` dict, and their names.
 
     ``names`` picks the components (``algorithm.grpo_plugins_reward_keys``); by default every
-    numeric entry, in sorted order. A row without an entry gets NaN (not applicable).
+    numeric entry except ``score`` (verl's total reward, which ``compute_score`` returns beside its
+    parts), in sorted order. A row without an entry gets NaN (not applicable).
     """
     if names is None:
-        names = sorted({k for info in infos for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        names = sorted(
+            {k for info in infos for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            - {TOTAL_KEY}
+        )
     if not names:
         return None, ()
     rows = [[float(info[name]) if isinstance(info.get(name), (int, float)) else math.nan for name in names] for info in infos]

@@ -37,6 +37,7 @@ from grpo_plugins_verl.settings import (
 )
 
 logger = logging.getLogger("grpo_plugins_verl")
+LOSS_HOOKS = ("policy_surrogate", "gate_loss", "loss_terms")
 
 
 def prepare_config(config: DictConfig) -> DictConfig:
@@ -66,9 +67,10 @@ def prepare_config(config: DictConfig) -> DictConfig:
     actor = config.actor_rollout_ref.actor
     loss_mode = str(actor.policy_loss.get("loss_mode", "vanilla"))
     if loss_mode not in ("vanilla", NAME) and composition.has_loss_hooks:
+        changers = sorted({m for hook in LOSS_HOOKS for m in composition.providers(hook)})
         raise CompositionError(
-            f"actor.policy_loss.loss_mode={loss_mode}: methods {composition.providers('policy_surrogate') + composition.providers('gate_loss') + composition.providers('loss_terms')} "
-            "change the loss on top of verl's vanilla PPO loss; use loss_mode=vanilla (or grpo_plugins)"
+            f"actor.policy_loss.loss_mode={loss_mode}: methods {changers} change the loss on top of verl's "
+            "vanilla PPO loss; use loss_mode=vanilla (or grpo_plugins)"
         )
     mode = str(config.trainer.v1.get("trainer_mode", "sync"))
     round_hooks = [hook for hook in TRAINER_HOOKS if composition.implements(hook)]

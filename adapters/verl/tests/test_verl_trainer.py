@@ -189,7 +189,7 @@ def test_observe_sees_dataset_prompt_ids_and_the_step(tmp_path):
 def test_extras_from_transfer_queue_rows_reach_the_batch():
     rows = [
         {"responses": torch.tensor([5, 6, 7]), "old_log_probs": torch.tensor([-0.1, -0.2, -0.3]),
-         "extra_fields": {"reward_extra_info": {"acc": 1.0, "fmt": 0.5}}, "raw_prompt": [{"role": "user", "content": "a"}]},
+         "extra_fields": {"reward_extra_info": {"acc": 1.0, "fmt": 0.5, "score": 1.5}}, "raw_prompt": [{"role": "user", "content": "a"}]},
         {"responses": torch.tensor([8]), "old_log_probs": torch.tensor([-0.5]),
          "extra_fields": {"reward_extra_info": {"acc": 0.0}}, "raw_prompt": [{"role": "user", "content": "a"}]},
         {"responses": torch.tensor([9, 9]), "old_log_probs": torch.tensor([-0.7, -0.8]),

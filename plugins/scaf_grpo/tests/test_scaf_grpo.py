@@ -132,9 +132,27 @@ def test_correctness_from_a_named_reward_component():
         scaf(reward_name="missing").run_observe(batch, step=3)
 
 
+def test_warmup_from_the_trainers_run_length():
+    comp = Composition([{"scaf_grpo": {"warmup_fraction": 0.2, "chunks_per_tier": 2}}])  # no total_steps
+    with pytest.raises(PluginError, match="run length.*total_steps is None"):
+        augment(comp, 0)
+    with pytest.raises(PluginError, match="run length"):
+        comp.run_observe(group_batch(*FAIL), step=3)
+    # the trainer's 10 steps -> round(0.2 * 10) = 2 warm-up steps
+    fail = GRPOBatch(prompt_ids=torch.tensor(FAIL[1]), rewards=torch.tensor(FAIL[0]), total_steps=10)
+    comp.run_observe(fail, step=2)  # still inside the warm-up
+    assert comp.method("scaf_grpo").levels_of(torch.tensor([0])).tolist() == [0]
+    comp.run_observe(fail, step=3)
+    round = PromptRound(num_prompts=1, budget=4, dataset_size=100, step=3, default_rollouts=4, total_steps=10)
+    assert comp.run_augment_prompts(round, torch.tensor([0]), ["2 + 2 ="], [ROW])[0].endswith("k1.")
+    # the config's total_steps overrides the trainer's: round(0.2 * 100) = 20 warm-up steps
+    fixed = Composition([{"scaf_grpo": {"warmup_fraction": 0.2, "total_steps": 100}}]).method("scaf_grpo")
+    assert fixed.warmup_for(10) == 20 and fixed.warmup_for(None) == 20
+
+
 def test_clear_errors():
-    with pytest.raises(ConfigError, match="total_steps"):
-        Composition(["scaf_grpo"])
+    with pytest.raises(ConfigError, match="total_steps must be >= 0"):
+        Composition([{"scaf_grpo": {"total_steps": -1}}])
     assert Composition([{"scaf_grpo": {"warmup_steps": 50}}]).method("scaf_grpo").warmup_steps == 50
     comp = scaf()
     comp.run_observe(group_batch(*FAIL), step=3)

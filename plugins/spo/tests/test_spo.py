@@ -180,6 +180,17 @@ def test_single_rollout_switch_and_budget_check():
     wrong = PromptRound(num_prompts=3, budget=12, dataset_size=10, step=0, default_rollouts=4)
     with pytest.raises(PluginError, match="spo.*allocate_rollouts.*budget is 12"):
         composition.run_allocate_rollouts(wrong, torch.tensor([4, 5, 6]))
+    # the sampler fills the budget with prompts of one completion each
+    prompts = composition.run_sample_prompts(wrong, torch.Generator().manual_seed(0))
+    assert prompts.shape == (12,) and prompts.max() < 10
+    assert composition.rollout_counts(wrong, prompts).tolist() == [1] * 12
+    plain = Composition(["spo"]).run_sample_prompts(wrong, torch.Generator().manual_seed(0))
+    assert plain.shape == (3,)
+
+
+def test_requires_old_log_probs_only_for_the_logprob_shift():
+    assert Composition(["spo"]).required_fields() == {"old_log_probs"}
+    assert Composition([{"spo": {"rho_mode": "constant"}}]).required_fields() == set()
 
 
 def test_switches_leave_slots_to_other_methods():
@@ -257,18 +268,22 @@ def test_trainer_run_alone():
 
 
 def test_trainer_run_with_one_completion_per_prompt():
+    """TRL needs num_generations >= 2, but the sampler fills the round's budget of 8 with 8 prompts of one
+    completion each: every group of the batch has size 1."""
     trl_testing = pytest.importorskip("grpo_plugins_trl.testing")
-    try:
-        trainer = trl_testing.tiny_grpo_run(
-            [{"spo": {"single_rollout": True}}], max_steps=2, num_generations=1,
-            reward_funcs=trl_testing.digit_overlap_reward,
-        )
-    except ValueError as error:
-        if "at least 2 generations" in str(error):
-            pytest.skip("TRL's GRPOConfig rejects num_generations=1 and the TRL adapter does not lift that check yet")
-        raise
+    trainer = trl_testing.tiny_grpo_run(
+        [{"spo": {"single_rollout": True}}], max_steps=2, num_generations=2,
+        reward_funcs=trl_testing.digit_overlap_reward,
+    )
     assert finite_losses(trainer)
-    assert all(bool((torch.bincount(r)[torch.bincount(r) > 0] == 1).all()) for r in list(trainer._plugin_rounds))
+    rounds = list(trainer._plugin_rounds)
+    assert rounds and all(r.numel() == 8 and torch.unique(r).numel() == 8 for r in rounds)
+    batch = trainer.last_plugin_batch
+    assert batch.num_groups == 8 and bool((batch.group_sizes == 1).all())
+    assert batch.old_log_probs is not None  # on-policy run: the adapter computed them for the forgetting factor
+    logged = set().union(*trainer.state.log_history)
+    assert {"plugins/spo/rho", "plugins/spo/policy_distance", "plugins/spo/mean_value"} <= logged
+    assert all(row.get("plugins/spo/frac_zero_advantage", 0.0) < 1.0 for row in trainer.state.log_history)
 
 
 def test_trainer_run_with_groups_of_one():

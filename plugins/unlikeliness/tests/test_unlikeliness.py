@@ -138,7 +138,7 @@ def test_nan_log_probs_are_a_clear_error_but_padding_is_ignored():
 
 def test_missing_old_log_probs_is_a_clear_error():
     batch = make_batch(old_log_probs=None)
-    with pytest.raises(PluginError, match="unlikeliness.*no old_log_probs.*num_iterations"):
+    with pytest.raises(PluginError, match="unlikeliness.*no old_log_probs.*requires them"):
         Composition(["unlikeliness"]).run_advantage_stage(batch)
 
 
@@ -222,8 +222,14 @@ def test_short_trl_run(methods):
     assert all(math.isfinite(row["loss"]) for row in trainer.state.log_history if "loss" in row)
 
 
-def test_short_trl_run_without_old_log_probs_is_a_clear_error():
-    """With one iteration per batch TRL skips the old log-probs; the run stops with a message saying why."""
+def test_short_on_policy_trl_run_gets_old_log_probs_from_the_adapter():
+    """With one iteration per batch TRL skips the old log-probs; the method requires them, so the adapter
+    computes them and the ranking runs."""
     testing = pytest.importorskip("grpo_plugins_trl.testing")
-    with pytest.raises(PluginError, match="no old_log_probs.*num_iterations"):
-        testing.tiny_grpo_run(["unlikeliness"], max_steps=1, reward_funcs=even_length_reward)
+    assert Composition(["unlikeliness"]).required_fields() == {"old_log_probs"}
+    trainer = testing.tiny_grpo_run(["unlikeliness"], max_steps=1, reward_funcs=even_length_reward)
+    batch = trainer.last_plugin_batch
+    assert batch.old_log_probs is not None and batch.old_log_probs.shape == batch.completion_mask.shape
+    real = batch.old_log_probs[batch.completion_mask > 0]
+    assert bool(torch.isfinite(real).all()) and bool((real <= 0).all())
+    assert any("plugins/unlikeliness/mean_reward_scale" in row for row in trainer.state.log_history)
