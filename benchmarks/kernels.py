@@ -15,9 +15,10 @@ Both sides do the same non-method work: the batch's group index (``torch.unique`
 ids, which an adapter builds once per batch) is computed once outside the timed region and shared;
 the time spent in the core's contract checks (``validate_batch``, ``check_output``), which the
 floor does not do, is measured and reported separately (``checks (s)``), not in ``hooks (s)``.
-Floor and method runs alternate after one warm-up each and the best of ``repeats`` is kept, so
-load from other processes on a shared machine affects both sides alike. Reported: hook seconds,
-floor seconds, their ratio (target <= 3) and peak resident memory. Writes
+Floor and method runs alternate, five times after one warm-up each; seconds are the best run and
+the ratio is the median over the five of each method run divided by the floor run just before it
+(adjacent runs see the same load from other processes on a shared machine). Reported: hook seconds,
+checks seconds, floor seconds, ratio (target <= 3) and peak resident memory. Writes
 ``benchmarks/results/kernels.{json,md}``.
 """
 
@@ -66,7 +67,6 @@ class CheckTimer:
     def __init__(self) -> None:
         import grpo_plugins.composition as composition_module
 
-        self.module = composition_module
         self.seconds = 0.0
         for name in ("validate_batch", "check_output"):
             setattr(composition_module, name, self._timed(getattr(composition_module, name)))
@@ -82,24 +82,32 @@ class CheckTimer:
         return wrapper
 
 
-def best_of(floor_fn, method_fn, checks: CheckTimer, repeats: int) -> tuple[float, float, float]:
-    """Best floor seconds, best method seconds (checks excluded) and the checks' seconds in that run."""
+def best_of(floor_fn, method_fn, checks: CheckTimer, repeats: int) -> dict:
+    """Floor and method (checks excluded) run alternately ``repeats`` times after a warm-up each.
+
+    Returns the best floor seconds, the best method seconds with the checks' seconds of that run, and
+    the median over the repeats of the ratio of each method run to the floor run just before it (the
+    two see the same load from other processes, so the ratio is steadier than a ratio of bests).
+    """
     floor_fn()  # warm-up
     method_fn()
-    floor, method, checked = float("inf"), float("inf"), 0.0
+    floors, methods, checked = [], [], []
     for _ in range(repeats):
         gc.collect()
         start = time.perf_counter()
         floor_fn()
-        floor = min(floor, time.perf_counter() - start)
+        floors.append(time.perf_counter() - start)
         gc.collect()
         checks.seconds = 0.0
         start = time.perf_counter()
         method_fn()
-        total = time.perf_counter() - start
-        if total - checks.seconds < method:
-            method, checked = total - checks.seconds, checks.seconds
-    return floor, method, checked
+        methods.append(time.perf_counter() - start - checks.seconds)
+        checked.append(checks.seconds)
+    best = min(range(repeats), key=methods.__getitem__)
+    ratios = sorted(m / f for m, f in zip(methods, floors))
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return {"seconds": methods[best], "checks_seconds": checked[best], "floor_seconds": min(floors), "ratio": median}
 
 
 def floor_step(batch, current) -> None:
@@ -150,12 +158,11 @@ def measure(name: str, n: int, repeats: int, queue) -> None:
     composition = Composition([{name: config}] if name != "grpo" else [])
     batch, current = make_inputs(n)
     batch.group_index  # noqa: B018 -- built once, shared by every run (see method_step)
-    floor, seconds, checked = best_of(
+    timing = best_of(
         lambda: floor_step(batch, current), lambda: method_step(composition, batch, current), checks, repeats
     )
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"method": name, "hooks": composition.describe().splitlines()[0], "seconds": seconds,
-               "checks_seconds": checked, "floor_seconds": floor, "ratio": seconds / floor, "peak_rss_mib": peak_mib})
+    queue.put({"method": name, "hooks": composition.describe().splitlines()[0], **timing, "peak_rss_mib": peak_mib})
 
 
 def main() -> None:
@@ -168,8 +175,9 @@ def main() -> None:
 
     names = args.methods or sorted(discover()[0])
     n = 100_000 if args.quick else 1_000_000
-    repeats = 5 if args.quick else 3
+    repeats = 5
     context = mp.get_context("spawn")
+    load_before = os.getloadavg()[0]
     rows = []
     for name in names:
         queue = context.Queue()
@@ -186,13 +194,17 @@ def main() -> None:
               f"peak {row['peak_rss_mib']:.0f} MiB", flush=True)
     os.makedirs(args.out, exist_ok=True)
     settings = {"completions": n, "tokens": n * TOKENS, "group_size": GROUP, "repeats": repeats,
-                "threads": int(os.environ.get("BENCH_THREADS", "2"))}
+                "threads": int(os.environ.get("BENCH_THREADS", "2")), "cpus": os.cpu_count(),
+                "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     with open(os.path.join(args.out, "kernels.json"), "w") as handle:
         json.dump({"settings": settings, "rows": rows}, handle, indent=1)
     lines = [f"Hook throughput on {n:,} completions x {TOKENS} tokens (groups of {GROUP}), "
-             f"{settings['threads']} CPU threads, best of {repeats} (floor and method alternating); floor = plain-torch "
-             "GRPO advantage + PPO-clip loss, fwd+bwd. hooks = the method's step (advantage stage, observe, loss "
-             "fwd+bwd) without the core's contract checks, which are listed apart.", "",
+             f"{settings['threads']} CPU threads of {settings['cpus']} (1-minute load average {settings['load_average_1min'][0]} "
+             f"at the start, {settings['load_average_1min'][1]} at the end), torch {torch.__version__}. Floor = plain-torch GRPO advantage + PPO-clip "
+             "loss, fwd+bwd; hooks = the method's step (advantage stage, observe, loss fwd+bwd) without the core's "
+             "contract checks, which are listed apart. Floor and method alternate "
+             f"{repeats} times after a warm-up: seconds are the best run, ratio the median of method/floor over "
+             "adjacent pairs.", "",
              "| method | hooks (s) | checks (s) | floor (s) | ratio | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -122,6 +122,14 @@ class GRPOBatch:
         """``G``."""
         return int(self._groups[0].shape[0])
 
+    def require_group_size(self, minimum: int, why: str) -> None:
+        """Raise ``ValueError`` naming the prompt ids of groups smaller than ``minimum`` (``why``: the reason)."""
+        small = self.group_sizes < minimum
+        if bool(small.any()):
+            ids, sizes = self.group_prompt_ids[small][:5].tolist(), sorted(set(self.group_sizes[small].tolist()))
+            have = sizes[0] if len(sizes) == 1 else sizes
+            raise ValueError(f"{why}: needs at least {minimum} completions per prompt; prompt id(s) {ids} have {have}")
+
     @property
     def token_mask(self) -> torch.Tensor:
         """``(N, T)`` float completion mask; raises if the trainer gave no completion tokens."""

@@ -40,13 +40,10 @@ class GRPO(Method):
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:
         """``(N,)`` group-relative advantages; groups of one have no baseline and are an error."""
-        sizes = batch.group_sizes
-        if bool((sizes < 2).any()):
-            lonely = batch.group_prompt_ids[sizes < 2][:5].tolist()
-            raise ValueError(
-                f"group normalisation needs at least 2 completions per prompt; prompt id(s) {lonely} have 1. "
-                "Give every prompt >= 2 completions or enable a method built for single completions (e.g. spo)"
-            )
+        batch.require_group_size(
+            2, "group normalisation (give every prompt >= 2 completions, or enable a method built for single "
+            "completions such as spo)"
+        )
         scale = self.config.scale
         advantages = group_normalize(
             batch.rewards, batch.group_index, batch.num_groups, scale_by_std=scale == "group", epsilon=self.config.epsilon

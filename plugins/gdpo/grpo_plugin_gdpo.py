@@ -98,13 +98,7 @@ class GDPO(Method):
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:
         """``(N,)`` GDPO advantages from ``batch.reward_components`` ``(N, K)`` and ``batch.reward_weights``."""
-        sizes = batch.group_sizes
-        if bool((sizes < 2).any()):
-            lonely = batch.group_prompt_ids[sizes < 2][:5].tolist()
-            raise ValueError(
-                f"GDPO normalises every reward within its group and needs >= 2 completions per prompt; "
-                f"prompt id(s) {lonely} have 1 (the unbiased std of one value is undefined)"
-            )
+        batch.require_group_size(2, "GDPO normalises every reward within its group (the unbiased std of one value is undefined)")
         components = batch.reward_components
         if components is None:
             components, weights = batch.rewards[:, None], torch.ones(1)

@@ -69,19 +69,18 @@ def _layout(sign: torch.Tensor, index: torch.Tensor, num_groups: int) -> _Layout
     return _Layout(rows, flat, sign[rows], groups, size, dense, identity)
 
 
-def _shared(layout: _Layout, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _shared(layout: _Layout, ids: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(M, W)`` bool: a completion of the opposite sign in the group has the same token in the column.
 
-    ``ids``/``valid``: ``(M, W)`` aligned columns of the participating completions. Every pair of a
-    group is compared at every column at once (``(groups, S, S, W)``, in chunks of groups bounded in
-    memory). The sign is folded into the key (``2 * id + [positive]``) and each token looks for the
-    key of its own id with the opposite sign. When the rows already sit in grid order (equal, contiguous
+    ``ids``/``valid``: ``(M, W)`` aligned columns of the participating completions; ``dtype``: the key
+    dtype (int32 when ``2 * id + 1`` fits). Every pair of a group is compared at every column: the
+    ``(groups, S, W)`` grid against each member slot in turn (``S`` whole-batch compares, in chunks of
+    groups bounded in memory). The sign is folded into the key (``2 * id + [positive]``) and each
+    token looks for the key of its own id with the opposite sign. When the rows already sit in grid order (equal, contiguous
     groups) the grid is a view of the columns and no scatter/gather is needed.
     """
     width = ids.shape[1]
     cells = layout.groups * layout.size
-    small = ids.numel() == 0 or (int(ids.max()) < (1 << 30) and int(ids.min()) >= 0)
-    dtype = torch.int32 if small else torch.int64  # keys 2 * id + 1 must fit
     twice = ids.to(dtype) * 2
     invalid = ~valid
     key = (twice + (layout.sign > 0).to(dtype)[:, None]).masked_fill_(invalid, -1)
@@ -124,7 +123,13 @@ def _sub_layout(layout: _Layout, keep: torch.Tensor) -> tuple[_Layout, torch.Ten
 
 
 def _run_lengths(
-    layout: _Layout, ids: torch.Tensor, valid: torch.Tensor, last: torch.Tensor, backward: bool, block: int
+    layout: _Layout,
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    last: torch.Tensor,
+    backward: bool,
+    block: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """``(M,)`` aligned steps before each participating completion's first non-shared real token.
 
@@ -150,7 +155,7 @@ def _run_lengths(
             source = source.clamp_(min=0)
             cols_ids = ids.gather(1, source)
             cols_valid = valid.gather(1, source) & inside
-        breaks = cols_valid & ~_shared(layout, cols_ids, cols_valid)
+        breaks = cols_valid & ~_shared(layout, cols_ids, cols_valid, dtype)
         ended = alive & breaks.any(dim=1)
         length = torch.where(ended, breaks.to(torch.int8).argmax(dim=1) + start, length)
         alive &= ~ended & (last >= stop)  # a row without real tokens left cannot break any more
@@ -208,10 +213,12 @@ def conflict_masks(
     row_ids = ids if every else ids.index_select(0, layout.rows)
     row_valid = valid if every else valid.index_select(0, layout.rows)
     last = torch.where(row_valid, columns, -1).amax(dim=1).to(torch.int64)
+    low, high = torch.aminmax(row_ids) if row_ids.numel() else (0, 0)
+    dtype = torch.int32 if int(high) < (1 << 30) and int(low) >= 0 else torch.int64  # keys 2 * id + 1 must fit
     ahead = torch.zeros(n, dtype=torch.int64, device=ids.device)
-    ahead[layout.rows] = _run_lengths(layout, row_ids, row_valid, last, False, block)
+    ahead[layout.rows] = _run_lengths(layout, row_ids, row_valid, last, False, block, dtype)
     first_behind = torch.full((n,), t, dtype=torch.int64, device=ids.device)
-    first_behind[layout.rows] = last + 1 - _run_lengths(layout, row_ids, row_valid, last, True, block)
+    first_behind[layout.rows] = last + 1 - _run_lengths(layout, row_ids, row_valid, last, True, block, dtype)
     forward = valid & (columns < ahead[:, None])
     backward = valid & (columns >= first_behind[:, None])
     return forward, backward

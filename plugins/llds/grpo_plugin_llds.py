@@ -46,20 +46,19 @@ def _gate(
     displacement: torch.Tensor, preserving: torch.Tensor, level: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(B, T)`` gate of :func:`displacement_gate`, the number of gated actions and of all actions (0-d)."""
-    d = displacement.detach() * preserving  # 0 off the preserving set
+    d = displacement.detach()
     if level == "response":
-        gate = (d.sum(dim=1, keepdim=True) > 0) & preserving
+        gate = (torch.where(preserving, d, 0.0).sum(dim=1, keepdim=True) > 0) & preserving
         starts = _run_starts(preserving).sum(dim=1)
         return gate, (gate[:, 0] * starts).sum(), starts.sum()
-    # Every token adds its d to the bin of the last action started before it; tokens off the preserving
-    # set add 0, so each bin sums its action exactly (bin 0: tokens before the batch's first action).
+    # Tokens off the preserving set go to bin 0, whatever their (possibly padded, non-finite) d.
     running = _running_action(preserving)
-    flat = running.view(-1)
+    ids = (running * preserving).view(-1)
     rows, width = preserving.shape
     bins = rows * ((width + 1) // 2) + 1  # at most ceil(T / 2) actions per row, plus bin 0
-    totals = d.new_zeros(bins).index_add_(0, flat, d.view(-1))
-    gate = (totals.index_select(0, flat).view_as(d) > 0) & preserving
-    return gate, (totals[1:] > 0).sum(), flat[-1]
+    totals = d.new_zeros(bins).index_add_(0, ids, d.reshape(-1))
+    gate = (totals.index_select(0, ids).view_as(d) > 0) & preserving
+    return gate, (totals[1:] > 0).sum(), running.view(-1)[-1]
 
 
 def displacement_gate(

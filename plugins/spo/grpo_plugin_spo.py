@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import GRPOBatch, Method, PromptRound, hookimpl, option
-from grpo_plugins.ops import global_mean_std, masked_mean, segment_sum
+from grpo_plugins.ops import global_mean_std, segment_sum
 from grpo_plugins.parallel import ParallelContext
 from grpo_plugins.prompt_table import PromptTable
 
@@ -226,7 +226,7 @@ class SPO(Method):
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:
         """``(N,)`` batch-normalised ``r - v(x)`` with the tracker read before this step's update."""
-        values = self.values(batch.prompt_ids)
+        values = self.values(batch.group_prompt_ids)[batch.group_index]  # one lookup per prompt
         rewards = self._unit_rewards(batch.rewards)
         advantages = spo_advantages(rewards, values, batch.parallel, self.config.norm_epsilon)
         self.log_metric("mean_value", values.mean())
@@ -259,10 +259,10 @@ class SPO(Method):
         c = self.config
         if c.rho_mode == "constant" or batch.old_log_probs is None or batch.completion_mask is None:
             return torch.full((groups,), c.rho_constant, dtype=torch.float64), torch.zeros(groups, dtype=torch.float64)
-        mask = batch.token_mask.double()
-        log_probs = torch.where(mask > 0, batch.old_log_probs.double(), torch.zeros_like(mask))
-        per_completion = masked_mean(log_probs, mask, dim=-1)
-        has_tokens = mask.sum(-1).gt(0).double()
+        keep = batch.completion_mask > 0
+        tokens = keep.sum(-1, dtype=torch.float64)
+        per_completion = torch.where(keep, batch.old_log_probs, 0.0).sum(-1, dtype=torch.float64) / tokens.clamp(min=1)
+        has_tokens = tokens.gt(0).double()
         visit = segment_sum(per_completion * has_tokens, index, groups) / segment_sum(has_tokens, index, groups)
         previous = self.table.columns["last_log_prob"][rows]
         known = ~torch.isnan(previous) & ~torch.isnan(visit)

@@ -154,10 +154,16 @@ class VADE(Method):
 
     def posterior(self, prompt_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Time-decayed ``(alpha, beta)`` ``(P,)`` of ``prompt_ids`` as of ``step``; the state is unchanged."""
-        c, table = self.config, self.table
-        elapsed = (step - table.get("updated_at", prompt_ids)).clamp(min=0)
-        alpha, beta = table.get("alpha", prompt_ids), table.get("beta", prompt_ids)
-        return time_decay(alpha, beta, elapsed, c.time_decay, c.prior_alpha, c.prior_beta)
+        table = self.table
+        columns = (table.get(name, prompt_ids) for name in ("alpha", "beta", "updated_at"))
+        return self._decayed(*columns, step)
+
+    def _decayed(
+        self, alpha: torch.Tensor, beta: torch.Tensor, updated_at: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`time_decay` of stored ``(alpha, beta)`` last updated at ``updated_at`` (all ``(P,)``) to ``step``."""
+        c = self.config
+        return time_decay(alpha, beta, (step - updated_at).clamp(min=0), c.time_decay, c.prior_alpha, c.prior_beta)
 
     @hookimpl
     def sample_prompts(self, round: PromptRound, generator: torch.Generator) -> torch.Tensor:
@@ -181,10 +187,10 @@ class VADE(Method):
         if not bool(torch.isfinite(rewards).all()):
             raise ValueError("rewards contain NaN/inf; the posterior cannot be updated")
         ids, c, col = batch.group_prompt_ids, self.config, self.table.columns
-        alpha, beta = self.posterior(ids, step)
+        rows = self.table.rows(ids)  # one lookup; unseen prompts are inserted with the prior, as get() reads them
+        alpha, beta = self._decayed(*(col[name][rows].to(ids.device) for name in ("alpha", "beta", "updated_at")), step)
         successes = segment_sum(rewards.clamp(0, 1), batch.group_index, batch.num_groups)
         trials = batch.group_sizes.double()
-        rows = self.table.rows(ids)
         alpha, beta = visit_update(alpha, beta, successes, trials, c.visit_decay, c.prior_alpha, c.prior_beta)
         col["alpha"][rows], col["beta"][rows] = alpha, beta
         col["updated_at"][rows] = step

@@ -24,8 +24,8 @@ import torch
 
 from grpo_plugins import BatchError, CompositionError, GRPOBatch, ParallelContext
 
-from grpo_plugins_verl.runtime import get_runtime
-from grpo_plugins_verl.settings import TRAINER_HOOKS
+from grpo_plugins_verl.runtime import Runtime, get_runtime
+from grpo_plugins_verl.settings import REFERENCE_HINT, TRAINER_HOOKS
 
 logger = logging.getLogger("grpo_plugins_verl")
 _WARNED: set[tuple[str, ...]] = set()
@@ -83,9 +83,29 @@ def extra_fields(extras: dict | None, rows: torch.Tensor, response_mask: torch.T
         fields["reward_names"] = tuple(extras["reward_names"])
         if "reward_weights" in extras:
             fields["reward_weights"] = extras["reward_weights"].to(response_mask.device)
-    if "prompts" in extras:
-        fields["prompts"] = [extras["prompts"][i] for i in rows.tolist()]
+    for name in ("prompts", "completions"):
+        if name in extras:
+            fields[name] = [extras[name][i] for i in rows.tolist()]
     return fields
+
+
+def check_required(runtime: Runtime, batch: GRPOBatch) -> None:
+    """Fill ``rows`` if a method requires them, and fail clearly if a required field is missing."""
+    composition = runtime.composition
+    required = composition.required_fields()
+    if "rows" in required and batch.rows is None and runtime.rows_for is not None:
+        batch.rows = runtime.rows_for(batch.prompt_ids.tolist())
+    missing = sorted(name for name in required if getattr(batch, name) is None)
+    if not missing:
+        return
+    details = []
+    for name in missing:
+        if name == "ref_log_probs":
+            how = REFERENCE_HINT + ", and trainer.v1.trainer_mode=grpo_plugins"
+        else:
+            how = "the grpo_plugins trainer provides it: trainer.v1.trainer_mode=grpo_plugins"
+        details.append(f"{name} (required by {composition.requirers(name)}; {how})")
+    raise CompositionError("the verl batch lacks " + "; ".join(details))
 
 
 def compute_grpo_plugins_advantage(
@@ -128,9 +148,11 @@ def compute_grpo_plugins_advantage(
             rewards=token_level_rewards.sum(dim=-1)[rows],
             completion_mask=mask.to(token_level_rewards.dtype),
             step=runtime.step,
+            total_steps=runtime.total_steps,
             parallel=ParallelContext(gathered=True),
             **extra_fields(runtime.extras, rows, response_mask),
         )
+        check_required(runtime, batch)
         composition.run_advantage_stage(batch)
         if batch.row_data and composition.has_loss_hooks:
             warn_row_data_once(sorted(batch.row_data))

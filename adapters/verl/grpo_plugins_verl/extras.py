@@ -46,13 +46,17 @@ def reward_components(
 
 
 def batch_extras(
-    data: Any, reward_keys: Iterable[str] | None = None, reward_weights: Sequence[float] | None = None
+    data: Any,
+    reward_keys: Iterable[str] | None = None,
+    reward_weights: Sequence[float] | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """``GRPOBatch`` fields from a TransferQueue ``TensorDict`` of the advantage-stage rows.
 
     Returns a dict with any of ``completion_ids``/``old_log_probs``/``ref_log_probs`` ``(B, T)``,
     ``reward_components`` ``(B, K)`` + ``reward_names`` (+ ``reward_weights`` ``(K,)`` when given,
-    in the order of ``reward_keys``), and ``prompts`` (``B`` chat prompts).
+    in the order of ``reward_keys``), ``prompts`` (``B`` chat prompts) and, with a ``tokenizer``,
+    ``completions`` (``B`` decoded responses, special tokens dropped).
     """
     extras: dict[str, Any] = {}
     present = [key for key in TOKEN_FIELDS if key in data.keys()]
@@ -73,4 +77,8 @@ def batch_extras(
                 extras["reward_weights"] = torch.tensor([float(w) for w in reward_weights], dtype=torch.float32)
     if "raw_prompt" in data.keys():
         extras["prompts"] = [_plain(row) for row in data["raw_prompt"]]
+    if tokenizer is not None and "responses" in data.keys():
+        responses = data["responses"]
+        rows = responses.unbind() if responses.is_nested else list(responses)
+        extras["completions"] = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in rows]
     return extras

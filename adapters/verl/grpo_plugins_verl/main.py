@@ -29,6 +29,7 @@ from grpo_plugins_verl.settings import (
     CONFIG_KEY,
     ENV_VAR,
     NAME,
+    REFERENCE_HINT,
     TRAINER_HOOKS,
     encode_methods,
     grpo_defaults,
@@ -79,6 +80,12 @@ def prepare_config(config: DictConfig) -> DictConfig:
             f"trainer.v1.trainer_mode={mode}: methods implementing {round_hooks} (or keeping state) need the "
             f"grpo_plugins sync trainer; use trainer.v1.trainer_mode=sync"
         )
+    needs_reference = composition.requirers("ref_log_probs")
+    if needs_reference:
+        from verl.trainer.ppo.utils import need_reference_policy
+
+        if not need_reference_policy(config):
+            raise CompositionError(f"methods {needs_reference} require ref_log_probs: {REFERENCE_HINT}")
     encoded = encode_methods(methods)
     with open_dict(config):
         config.algorithm.adv_estimator = NAME

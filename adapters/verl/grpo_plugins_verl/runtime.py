@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ class Runtime:
             order (see :func:`grpo_plugins_verl.extras.batch_extras`); None outside it.
         trainer_attached: whether the ``grpo_plugins`` trainer drives this process (it runs the
             round-planning and ``observe`` hooks; without it those hooks would never run).
+        total_steps: the run's optimiser steps (verl's ``total_training_steps``), set by the trainer.
+        rows_for: ``prompt ids -> dataset rows``, set by the trainer (fills ``GRPOBatch.rows`` for
+            methods that require them).
     """
 
     composition: Composition
@@ -71,6 +74,8 @@ class Runtime:
     last_batch: GRPOBatch | None = None
     extras: dict[str, Any] | None = None
     trainer_attached: bool = False
+    total_steps: int | None = None
+    rows_for: Callable[[list[int]], list[dict]] | None = None
 
     def ids_for(self, uids: np.ndarray) -> torch.Tensor:
         """``(N,)`` int64 prompt ids of the rows whose verl ``uid`` is ``uids`` ``(N,)``.

@@ -31,6 +31,11 @@ NAME = "grpo_plugins"
 """Name of the advantage estimator, the policy loss and the trainer this adapter registers in verl."""
 TRAINER_HOOKS = ("sample_prompts", "augment_prompts", "allocate_rollouts", "observe")
 """Hooks only the ``grpo_plugins`` trainer (``trainer.v1.trainer_mode=grpo_plugins``) runs."""
+REFERENCE_HINT = (
+    "enable verl's reference model: actor_rollout_ref.actor.use_kl_loss=True with "
+    "actor_rollout_ref.actor.kl_loss_coef=0 leaves the loss unchanged"
+)
+"""How a verl run gets ``ref_log_probs`` (verl computes them only with a reference policy)."""
 DEFAULT_EPSILON = 1e-6
 """verl's GRPO epsilon (``compute_grpo_outcome_advantage`` default; ``compute_advantage`` never overrides it)."""
 

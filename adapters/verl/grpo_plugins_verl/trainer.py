@@ -4,9 +4,10 @@
 ``trainer.v1.trainer_mode=grpo_plugins`` (registered with verl's ``register_trainer``):
 
 - each dataloader fetch becomes a planned round: ``sample_prompts`` picks the dataset indices (or
-  verl's dataloader does), ``augment_prompts`` rewrites ``raw_prompt``, ``allocate_rollouts`` sets
-  verl's per-prompt rollout count column ``__rollout_n__``; every verl ``uid`` is mapped to its
-  dataset index so the advantage stage groups by prompt id;
+  verl's dataloader does; any number ``P'`` of them, and verl's replay buffer is then asked for
+  ``P'`` groups), ``augment_prompts`` rewrites ``raw_prompt``, the rollout counts set verl's
+  per-prompt column ``__rollout_n__``; every verl ``uid`` is mapped to its dataset index so the
+  advantage stage groups by prompt id;
 - before verl's advantage step, the rows' completion tokens, old/reference log-probs, prompts and
   ``reward_extra_info`` scores are fetched from TransferQueue for the methods
   (:mod:`grpo_plugins_verl.extras`), and the stage's metrics go into verl's step metrics;
@@ -39,7 +40,7 @@ from grpo_plugins import Composition, CompositionError, PromptRound
 
 from grpo_plugins_verl.extras import ROW_FIELDS, batch_extras
 from grpo_plugins_verl.runtime import Runtime, get_runtime
-from grpo_plugins_verl.settings import NAME
+from grpo_plugins_verl.settings import NAME, REFERENCE_HINT
 
 logger = logging.getLogger("grpo_plugins_verl")
 
@@ -82,14 +83,16 @@ def plan_round(
     dataset: Any,
     next_default_batch: Callable[[], dict],
 ) -> tuple[dict, torch.Tensor]:
-    """One generation round as a collated verl batch dict, and its ``(P,)`` dataset indices.
+    """One generation round as a collated verl batch dict, and its ``(P',)`` dataset indices.
 
-    ``sample_prompts`` chooses the rows (otherwise ``next_default_batch()``, verl's dataloader, does),
-    ``augment_prompts`` rewrites ``raw_prompt``, ``allocate_rollouts`` fills ``__rollout_n__``.
+    ``sample_prompts`` chooses the rows (otherwise ``next_default_batch()``, verl's dataloader, does;
+    a sampler may choose ``P' != round.num_prompts`` prompts), ``augment_prompts`` rewrites
+    ``raw_prompt``, and the round's rollout counts (``allocate_rollouts``, else the budget split
+    evenly) fill ``__rollout_n__`` wherever they differ from verl's ``rollout.n``.
 
     Raises:
-        CompositionError: an allocation gives a prompt 0 completions (verl's sync trainer waits for
-            a finished group from every submitted prompt).
+        CompositionError: a prompt gets 0 completions (verl's sync trainer waits for a finished
+            group from every submitted prompt), or the budget does not split evenly.
     """
     prompt_ids = composition.run_sample_prompts(round, generator)
     if prompt_ids is None:
@@ -103,13 +106,13 @@ def plan_round(
         rows = [{key: value[i] for key, value in batch_dict.items()} for i in range(num)]
         prompts = composition.run_augment_prompts(round, prompt_ids, list(batch_dict["raw_prompt"]), rows)
         batch_dict["raw_prompt"] = np.fromiter(prompts, dtype=object, count=num)
-    counts = composition.run_allocate_rollouts(round, prompt_ids)
-    if counts is not None:
-        if bool((counts < 1).any()):
-            raise CompositionError(
-                f"{composition.providers('allocate_rollouts')} gave 0 completions to prompt(s) "
-                f"{prompt_ids[counts < 1].tolist()[:5]}; verl's sync trainer needs at least 1 per submitted prompt"
-            )
+    counts = composition.rollout_counts(round, prompt_ids)
+    if bool((counts < 1).any()):
+        raise CompositionError(
+            f"{composition.providers('allocate_rollouts')} gave 0 completions to prompt(s) "
+            f"{prompt_ids[counts < 1].tolist()[:5]}; verl's sync trainer needs at least 1 per submitted prompt"
+        )
+    if bool((counts != round.default_rollouts).any()):
         batch_dict[ROLLOUT_N_KEY] = np.fromiter(counts.tolist(), dtype=object, count=num)
     return batch_dict, prompt_ids
 
@@ -148,11 +151,21 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         super().__init__(config)
         self.grpo_plugins: Runtime = get_runtime(config.algorithm)
         self.grpo_plugins.trainer_attached = True
+        self.grpo_plugins.rows_for = self._dataset_rows
+        needs_reference = self.grpo_plugins.composition.requirers("ref_log_probs")
+        if needs_reference and not self.use_reference_policy:
+            raise CompositionError(f"methods {needs_reference} require ref_log_probs: {REFERENCE_HINT}")
         self.prompt_generator = torch.Generator().manual_seed(int(config.data.get("seed", None) or 1))
 
     # ------------------------------------------------------------------ round planning
+    def _dataset_rows(self, prompt_ids: list[int]) -> list[dict]:
+        """Dataset rows of ``prompt_ids`` (each distinct prompt read once)."""
+        rows = {i: self.train_dataset.dataset[i] for i in set(prompt_ids)}
+        return [rows[i] for i in prompt_ids]
+
     def _init_dataloader(self):
         super()._init_dataloader()
+        self.grpo_plugins.total_steps = self._total_steps()
         self.train_dataset = IndexedDataset(self.train_dataset)
         loader = self.train_dataloader
         self.train_dataloader = StatefulDataLoader(
@@ -183,14 +196,42 @@ class GRPOPluginsTrainer(PPOTrainerSync):
             dataset_size=len(self.train_dataset),
             step=max(int(self.global_steps) - 1, 0),
             default_rollouts=rollout_n,
+            total_steps=self._total_steps(),
         )
         batch_dict, prompt_ids = plan_round(
             self.grpo_plugins.composition, round, self.prompt_generator, self.train_dataset, self._next_default_batch
         )
         uids = [str(uuid.uuid4()) for _ in range(len(prompt_ids))]
         self.grpo_plugins.prompt_ids.update(zip(uids, prompt_ids.tolist()))
+        self.submitted_groups = getattr(self, "submitted_groups", 0) + len(uids)
         batch_dict["uid"] = np.array(uids, dtype=object)
         return tu.get_tensordict(batch_dict)
+
+    def _total_steps(self) -> int | None:
+        total = getattr(self, "total_training_steps", None)
+        return None if total is None else int(total)
+
+    def prepare_step(self) -> dict:
+        """Submit the step's rounds and remember how many prompt groups they hold (a sampler may
+        choose more or fewer prompts than verl's ``train_batch_size``)."""
+        self.submitted_groups = 0
+        metrics = super().prepare_step()
+        self.step_groups = self.submitted_groups
+        return metrics
+
+    def _step_once(self, metrics: dict, timing_raw: dict, sample_batch_size: int):
+        groups = getattr(self, "step_groups", 0)
+        if groups and groups != self.config.data.train_batch_size:
+            if self.parameter_sync_step != 1:
+                raise CompositionError(
+                    f"the step's rounds hold {groups} prompts, not data.train_batch_size="
+                    f"{self.config.data.train_batch_size}; with trainer.v1.sync.parameter_sync_step > 1 verl splits "
+                    "a step by prompt count, so the sampler must return round.num_prompts prompts"
+                )
+            sample_batch_size = groups  # take every group the planned rounds submitted
+        batch = super()._step_once(metrics, timing_raw, sample_batch_size)
+        self.observe_step()
+        return batch
 
     # ------------------------------------------------------------------ advantage and observe
     def _compute_advantage(self, batch, metrics: dict):
@@ -198,8 +239,12 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         fields = ["responses", "old_log_probs", *ROW_FIELDS] + (["ref_log_prob"] if self.use_reference_policy else [])
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         keys, weights = (self.config.algorithm.get(name, None) for name in (REWARD_KEYS, REWARD_WEIGHTS))
+        wants_text = "completions" in self.grpo_plugins.composition.required_fields()
         self.grpo_plugins.extras = batch_extras(
-            data, None if keys is None else list(keys), None if weights is None else list(weights)
+            data,
+            None if keys is None else list(keys),
+            None if weights is None else list(weights),
+            tokenizer=self.tokenizer if wants_text else None,
         )
         try:
             batch = super()._compute_advantage(batch, metrics)
@@ -208,11 +253,6 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         metrics.update(self.grpo_plugins.composition.pop_metrics())
         for key in batch.keys:  # trajectory keys are "{uid}_{session}_{index}"
             self.grpo_plugins.prompt_ids.pop(str(key).rsplit("_", 2)[0], None)
-        return batch
-
-    def _step_once(self, metrics: dict, timing_raw: dict, sample_batch_size: int):
-        batch = super()._step_once(metrics, timing_raw, sample_batch_size)
-        self.observe_step()
         return batch
 
     def observe_step(self) -> None:

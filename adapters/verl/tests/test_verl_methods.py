@@ -39,11 +39,12 @@ def test_method_runs_through_the_verl_step(name):
     runtime = grpo_plugins_verl.get_runtime(OmegaConf.create({}))
     runtime.trainer_attached = True
     composition = runtime.composition
-    round = PromptRound(num_prompts=4, budget=16, dataset_size=20, step=0, default_rollouts=4)
+    runtime.total_steps = 10
+    runtime.rows_for = lambda ids: [{"data_source": "toy", "answer": "2"} for _ in ids]
+    round = PromptRound(num_prompts=4, budget=16, dataset_size=20, step=0, default_rollouts=4, total_steps=10)
     ids = composition.run_sample_prompts(round, torch.Generator().manual_seed(0))
     ids = torch.arange(4) if ids is None else ids
-    counts = composition.run_allocate_rollouts(round, ids)
-    sizes = (4, 4, 4, 4) if counts is None else tuple(counts.tolist())
+    sizes = tuple(composition.rollout_counts(round, ids).tolist())  # what the trainer sends as __rollout_n__
     rewards, mask, uids = verl_batch(sizes, num_tokens=6, seed=1, num_padding=1)
     rewards = (rewards > 0).float()  # 0/1 outcome on the last token
     rows, tokens = mask.shape
@@ -55,6 +56,7 @@ def test_method_runs_through_the_verl_step(name):
         "reward_components": torch.stack([rewards.sum(-1), torch.rand(rows, generator=gen).round()], 1),
         "reward_names": ("acc", "format"),
         "prompts": [[{"role": "user", "content": "what is 1 + 1 ?"}]] * rows,
+        "completions": ["2"] * rows,
     }
     advantages, _ = compute_grpo_plugins_advantage(rewards, mask, uids, OmegaConf.create({}))
     runtime.extras = None

@@ -37,10 +37,18 @@ class ToyObserver(Method):
     @hookimpl
     def observe(self, batch, step):
         pass
+
+
+class ToyReference(Method):
+    name = "toy_reference"
+
+    def requires(self):
+        return {"ref_log_probs"}
 """
 ENTRY_POINTS = {
     "toy_gate": "grpo_toy_methods:ToyGate",
     "toy_observer": "grpo_toy_methods:ToyObserver",
+    "toy_reference": "grpo_toy_methods:ToyReference",
     "toy_broken": "grpo_toy_broken:Broken",
 }
 
@@ -191,5 +199,9 @@ def test_one_switch_refuses_settings_the_methods_cannot_run_with(fake_methods):
         prepare_config(verl_config("+grpo_plugins=[]", "algorithm.adv_estimator=rloo"))
     with pytest.raises(CompositionError, match="trainer_mode=separate_async"):
         prepare_config(verl_config("+grpo_plugins=[toy_observer]", "trainer.v1.trainer_mode=separate_async"))
+    with pytest.raises(CompositionError, match="require ref_log_probs.*use_kl_loss=True"):
+        prepare_config(verl_config("+grpo_plugins=[toy_reference]"))
+    with_reference = prepare_config(verl_config("+grpo_plugins=[toy_reference]", "actor_rollout_ref.actor.use_kl_loss=True"))
+    assert with_reference.algorithm.adv_estimator == "grpo_plugins"
     kept = prepare_config(verl_config("+grpo_plugins=[toy_observer]", "actor_rollout_ref.actor.policy_loss.loss_mode=gspo"))
     assert kept.actor_rollout_ref.actor.policy_loss.loss_mode == "gspo"  # no loss hooks: verl's loss stays

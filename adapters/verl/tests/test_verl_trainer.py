@@ -323,3 +323,80 @@ def test_verl_advantage_step_with_the_trainer_extras(tmp_path, monkeypatch):
 
     trainer.observe_step()
     assert counter.steps == [5] and counter.seen[[7, 2, 9]].tolist() == [3.0, 4.0, 2.0]
+
+
+class SingleStream(Method):
+    name = "toy_single_stream"
+
+    @hookimpl
+    def sample_prompts(self, round, generator):  # one completion for each of `budget` prompts
+        return torch.randint(0, round.dataset_size, (round.budget,), generator=generator)
+
+
+def test_rounds_with_another_prompt_count_reach_verl_sampling(tmp_path, monkeypatch):
+    """A sampler may return P' != num_prompts prompts (here budget prompts x 1 completion): every one
+    gets ``__rollout_n__`` and verl's replay buffer is asked for all P' groups of the step."""
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+
+    grpo_plugins_verl.configure([SingleStream()])
+    trainer = make_trainer(tmp_path, gen_batch_size=3, rollout_n=4)
+    trainer.parameter_sync_step = 1
+    submitted, sampled = [], []
+    monkeypatch.setattr(trainer, "_submit_batch_to_rollout", lambda batch: submitted.append(batch) or len(batch), raising=False)
+    monkeypatch.setattr(PPOTrainer, "_step_once", lambda self, metrics, timing, size: sampled.append(size) or "batch")
+    trainer.prepare_step()
+    assert len(submitted) == 1 and len(submitted[0]) == 12
+    assert [agent_loop_view(submitted[0], i)[ROLLOUT_N_KEY] for i in range(12)] == [1] * 12
+    assert trainer._step_once({}, {}, 3) == "batch" and sampled == [12]
+    trainer.parameter_sync_step = 2
+    with pytest.raises(CompositionError, match="parameter_sync_step"):
+        trainer._step_once({}, {}, 3)
+
+
+class NeedsEverything(Method):
+    name = "toy_needs_everything"
+
+    def requires(self):
+        return {"completions", "rows", "total_steps", "old_log_probs"}
+
+    @hookimpl
+    def shape_rewards(self, batch, rewards):
+        self.seen = (list(batch.completions), [row["data_source"] for row in batch.rows], batch.total_steps)
+        return rewards
+
+
+class NeedsReference(Method):
+    name = "toy_needs_reference"
+
+    def requires(self):
+        return {"ref_log_probs"}
+
+
+class ToyTokenizer:
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i == 0))
+
+
+def test_required_batch_fields_are_filled_or_refused(tmp_path):
+    method = NeedsEverything()
+    grpo_plugins_verl.configure([method])
+    trainer = make_trainer(tmp_path)
+    runtime = trainer.grpo_plugins
+    runtime.rows_for = trainer._dataset_rows
+    runtime.total_steps = 40
+    rows = [
+        {"responses": torch.tensor([5, 6]), "old_log_probs": torch.tensor([-0.1, -0.2]), "raw_prompt": [{"role": "user", "content": "a"}]},
+        {"responses": torch.tensor([7, 0]), "old_log_probs": torch.tensor([-0.3, -0.4]), "raw_prompt": [{"role": "user", "content": "a"}]},
+    ]
+    runtime.extras = batch_extras(list_of_dict_to_tensordict(rows), tokenizer=ToyTokenizer())
+    runtime.prompt_ids.update({"a": 4})
+    uids = np.array(["a", "a"], dtype=object)
+    compute_grpo_plugins_advantage(torch.tensor([[0.0, 1.0], [0.0, 0.0]]), torch.ones(2, 2, dtype=torch.long), uids, None)
+    assert method.seen == (["5 6", "7"], ["toy", "toy"], 40)
+
+    runtime.extras = None  # verl's own trainer: no fetched fields
+    with pytest.raises(CompositionError, match="lacks completions .*old_log_probs .*trainer_mode=grpo_plugins"):
+        compute_grpo_plugins_advantage(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.long), uids, None)
+    grpo_plugins_verl.configure([NeedsReference()])
+    with pytest.raises(CompositionError, match="ref_log_probs .*use_kl_loss=True"):
+        compute_grpo_plugins_advantage(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.long), uids, None)

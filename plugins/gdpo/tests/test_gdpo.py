@@ -70,7 +70,7 @@ def test_zero_variance_groups_contribute_zero():
 
 
 def test_group_of_one_is_a_clear_error():
-    with pytest.raises(PluginError, match=r"gdpo.*>= 2 completions.*\[5\]"):
+    with pytest.raises(PluginError, match=r"gdpo.*at least 2 completions.*\[5\]"):
         advantages(["gdpo"], batch_of([[1, 0], [0, 1], [0, 0]], [4, 4, 5]))
 
 
