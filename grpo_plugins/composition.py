@@ -187,7 +187,8 @@ class Composition:
             if len(providers) > 1:
                 who = " and ".join(f"'{e.name}' (distribution {e.distribution})" for e in providers)
                 raise CompositionError(
-                    f"methods {who} both implement hook '{hook}', which takes a single provider; enable only one"
+                    f"methods {who} both implement hook '{hook}', which takes a single provider; enable only one, "
+                    "or switch the hook off in one method's config (`grpo-plugins show NAME` lists the switches)"
                 )
             if providers:  # a user provider replaces the built-in default
                 self._impls[hook] = [(e, impl) for e, impl in self._impls[hook] if not e.builtin]

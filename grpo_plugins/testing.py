@@ -6,12 +6,14 @@ Fixtures:
     ``enable_methods``: builds a :class:`Composition` from a method list through real discovery,
         for one test.
 Helpers:
-    :func:`make_batch`, :func:`run_advantage_stage`.
+    :func:`make_batch`, :func:`run_advantage_stage`; for a method's speed notes :func:`best_of`
+    and :func:`cpu_single_thread`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Sequence
 
 import pytest
@@ -71,6 +73,26 @@ def make_batch(
 def run_advantage_stage(methods: Sequence[Any], batch: GRPOBatch, **kwargs: Any) -> GRPOBatch:
     """Enable ``methods`` (names, ``{name: config}``) and run the advantage-stage hooks on ``batch``."""
     return Composition(methods, **kwargs).run_advantage_stage(batch)
+
+
+def best_of(fn, repeats: int = 5, clock=time.perf_counter) -> float:
+    """Best of ``repeats`` timings of ``fn()`` in seconds (``clock``: wall or process CPU time)."""
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return min(times)
+
+
+def cpu_single_thread(fn, repeats: int = 5) -> float:
+    """Best single-thread CPU time: stable on a shared machine where wall time depends on other load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best_of(fn, repeats, time.process_time)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -5,10 +5,9 @@ Run: ``python plugins/gtpo/benchmarks/bench_gtpo.py``. Prints the best of severa
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from grpo_plugins.testing import best_of, cpu_single_thread
 from grpo_plugin_gtpo import conflict_masks, conflict_weights
 
 N, T, G = 10_000, 512, 8
@@ -33,26 +32,6 @@ def batch(case: str, seed: int = 0):
     else:  # worst case: identical completions, every run spans the whole completion
         ids = torch.full((N, T), 7)
     return ids * mask.long(), mask, advantages, index
-
-
-def best_of(fn, repeats: int = 5, clock=time.perf_counter) -> float:
-    """Best of ``repeats`` timings of ``fn()`` in seconds (``clock``: wall or process CPU time)."""
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return min(times)
-
-
-def cpu_single_thread(fn, repeats: int = 5) -> float:
-    """Best single-thread CPU time: stable on a shared machine where wall time depends on other load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return best_of(fn, repeats, time.process_time)
-    finally:
-        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
