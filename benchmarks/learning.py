@@ -160,6 +160,17 @@ def plot(runs: dict, rollouts_per_step: int, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def json_safe(value):
+    """``value`` with infinite floats written as the string "inf" (JSON has no infinity)."""
+    if isinstance(value, float) and value == float("inf"):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def markdown(summary: dict, settings: dict) -> str:
     lines = [
         f"Learning benchmark ({settings['mode']}): {settings['seeds']} seeds, {settings['steps']} steps x "
@@ -206,7 +217,7 @@ def main() -> None:
     summary = summarise(runs, settings["rollouts_per_step"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "learning.json"), "w") as handle:
-        json.dump({"settings": settings, "summary": summary, "runs": runs}, handle, indent=1, default=str)
+        json.dump(json_safe({"settings": settings, "summary": summary, "runs": runs}), handle, indent=1, default=str)
     with open(os.path.join(args.out, "learning.md"), "w") as handle:
         handle.write(markdown(summary, settings))
     plot(runs, settings["rollouts_per_step"], os.path.join(args.out, "learning.png"))
@@ -215,7 +226,7 @@ def main() -> None:
         name: {k: summary[name][k] for k in ("rollouts_to_vanilla_final_median", "final_accuracy", "zero_signal_group_fraction")}
         for name in summary
     }
-    print(json.dumps({"benchmark": "learning", "mode": settings["mode"], "headline": headline}, default=str))
+    print(json.dumps(json_safe({"benchmark": "learning", "mode": settings["mode"], "headline": headline})))
 
 
 if __name__ == "__main__":
