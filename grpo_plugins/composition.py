@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import pluggy
 import torch
@@ -472,8 +472,3 @@ def hooks_of(cls: type) -> list[str]:
     """Names of the hooks a method class implements (in hook-spec order)."""
     marker = f"{hookspecs.PROJECT}_impl"
     return [h for h in hookspecs.HOOK_NAMES if hasattr(getattr(cls, h, None), marker)]
-
-
-def compose(methods: Sequence[MethodSpec] | None = None, **kwargs: Any) -> Composition:
-    """Shorthand for :class:`Composition`."""
-    return Composition(methods, **kwargs)
