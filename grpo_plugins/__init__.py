@@ -2,7 +2,7 @@
 
 Method authors need only::
 
-    from grpo_plugins import Method, hookimpl, option
+    from grpo_plugins import Method, hookimpl, option, Range, POSITIVE, NON_NEGATIVE, UNIT, FINITE
 """
 
 import pluggy
@@ -13,13 +13,17 @@ hookimpl = pluggy.HookimplMarker("grpo_plugins")
 
 from grpo_plugins.batch import GRPOBatch, LossInputs, PromptRound  # noqa: E402
 from grpo_plugins.composition import Composition, LossParts, methods_from_config  # noqa: E402
-from grpo_plugins.config import NoConfig, option  # noqa: E402
+from grpo_plugins.config import FINITE, NON_NEGATIVE, POSITIVE, UNIT, NoConfig, Range, option  # noqa: E402
 from grpo_plugins.errors import BatchError, CompositionError, ConfigError, GRPOPluginsError, PluginError  # noqa: E402
 from grpo_plugins.method import Method  # noqa: E402
 from grpo_plugins.parallel import ParallelContext  # noqa: E402
 from grpo_plugins.prompt_table import PromptTable  # noqa: E402
 
 __all__ = [
+    "FINITE",
+    "NON_NEGATIVE",
+    "POSITIVE",
+    "UNIT",
     "BatchError",
     "Composition",
     "CompositionError",
@@ -34,6 +38,7 @@ __all__ = [
     "PluginError",
     "PromptRound",
     "PromptTable",
+    "Range",
     "hookimpl",
     "methods_from_config",
     "option",

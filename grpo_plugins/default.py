@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import hookimpl
+from grpo_plugins import NON_NEGATIVE, hookimpl
 from grpo_plugins.batch import GRPOBatch
 from grpo_plugins.config import option
 from grpo_plugins.method import Method
@@ -27,7 +27,9 @@ class GRPOConfig:
         "Divide the centred reward by the group's std ('group'), the whole batch's std ('batch'), or "
         "not at all ('none', Dr. GRPO). Adapters default it to the trainer's own setting.",
     )
-    epsilon: float = option(1e-6, "Added to the std before dividing. Adapters default it to the trainer's value.")
+    epsilon: float = option(
+        1e-6, "Added to the std before dividing. Adapters default it to the trainer's value.", domain=NON_NEGATIVE
+    )
 
 
 class GRPO(Method):

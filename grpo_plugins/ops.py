@@ -70,6 +70,15 @@ def segment_min(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> t
     return out.scatter_reduce_(0, index, values, reduce="amin", include_self=True)
 
 
+def constant_groups(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``(G,)`` bool: whether every member of the group has the same value (``values`` ``(N,)``).
+
+    Decided by comparing the group's minimum and maximum, so it is exact at any scale (a float mean of
+    equal values need not equal them). Groups of one and empty groups count as constant.
+    """
+    return segment_max(values, index, num_groups) <= segment_min(values, index, num_groups)
+
+
 def group_normalize(
     rewards: torch.Tensor,
     index: torch.Tensor,
@@ -80,12 +89,14 @@ def group_normalize(
     """GRPO's group-relative advantage ``(r - mean_g) / (std_g + epsilon)`` -> ``(N,)``.
 
     ``rewards``: ``(N,)``; std is unbiased. With ``scale_by_std=False`` only the mean is removed
-    (Dr. GRPO).
+    (Dr. GRPO). A group whose rewards are all equal gets exactly 0 (at any reward scale: the float
+    rounding residue of its mean is not divided by ``std + epsilon``); other groups are untouched.
     """
     counts, centred = _centre(rewards, index, num_groups)
-    if not scale_by_std:
-        return centred
-    return centred / (_std(counts, centred, index, unbiased=True).index_select(0, index) + epsilon)
+    if scale_by_std:
+        centred = centred / (_std(counts, centred, index, unbiased=True).index_select(0, index) + epsilon)
+    constant = constant_groups(rewards, index, num_groups).index_select(0, index)
+    return centred.masked_fill(constant, 0.0)
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

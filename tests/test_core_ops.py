@@ -155,3 +155,30 @@ def test_the_speed_benchmark_runs_and_agrees_with_its_loop_reference():
     loops = [r for r in report["results"] if "max_abs_diff_vs_vectorised" in r]
     assert len(loops) == 2 and max(r["max_abs_diff_vs_vectorised"] for r in loops) < 1e-12
     assert "| group_normalize | 5000 | 2000 |" in bench.markdown(report)
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+@pytest.mark.parametrize("size", [2, 3, 7, 12, 33, 64])
+@pytest.mark.parametrize("value", [7.782482, 0.1, 1.0 / 3.0, 123.4, 9999.123, -4321.77, 1e4])
+def test_constant_groups_get_exactly_zero_at_any_scale(size, value, scale_by_std):
+    """A group whose rewards are all equal has no signal: exactly 0, not the rounding residue of its
+    float32 mean divided by std + epsilon (12 x 7.782482 used to give -0.574)."""
+    varied = torch.tensor([0.0, 1.0, 0.5])
+    rewards = torch.cat([torch.full((size,), value), varied, torch.full((2,), value * 3)])
+    index = torch.cat([torch.zeros(size, dtype=torch.long), torch.ones(3, dtype=torch.long), torch.full((2,), 2)])
+    order = torch.randperm(rewards.numel(), generator=torch.Generator().manual_seed(size))
+    out = ops.group_normalize(rewards[order], index[order], 3, scale_by_std=scale_by_std, epsilon=1e-6)
+    constant = (index[order] != 1)
+    assert torch.equal(out[constant], torch.zeros(int(constant.sum())))
+    expected = varied - varied.mean()
+    if scale_by_std:
+        expected = expected / (varied.std() + 1e-6)
+    back = torch.empty_like(out)
+    back[order] = out
+    assert torch.allclose(back[size:size + 3], expected, atol=1e-6)
+
+
+def test_constant_groups_flags_exact_equality_only():
+    values = torch.tensor([1.0, 1.0, 2.0, 2.0 + 1e-6, 5.0])
+    index = torch.tensor([0, 0, 1, 1, 2])
+    assert ops.constant_groups(values, index, 4).tolist() == [True, False, True, True]  # 1 member / empty: constant

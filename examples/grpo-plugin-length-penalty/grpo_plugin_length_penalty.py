@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo_plugins import GRPOBatch, Method, hookimpl, option
+from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, hookimpl, option
 
 
 def length_penalised_rewards(
@@ -34,11 +34,8 @@ class LengthPenaltyConfig:
     penalty_per_token: float = option(
         0.001,
         "Reward subtracted per completion token. 0.001 costs a 1000-token answer one unit of a 0/1 reward.",
+        domain=NON_NEGATIVE,
     )
-
-    def __post_init__(self):
-        if self.penalty_per_token < 0:
-            raise ValueError(f"penalty_per_token must be >= 0, got {self.penalty_per_token}")
 
 
 class LengthPenalty(Method):

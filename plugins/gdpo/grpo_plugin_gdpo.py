@@ -20,8 +20,8 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import GRPOBatch, Method, ParallelContext, hookimpl, option
-from grpo_plugins.ops import global_mean_std, group_normalize, segment_max, segment_min
+from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
+from grpo_plugins.ops import global_mean_std, group_normalize
 
 
 def decoupled_group_normalize(
@@ -33,11 +33,7 @@ def decoupled_group_normalize(
     ``[0, G)``. The std is unbiased. A component that is constant within a group gives exactly 0
     there (not the rounding residue of its mean divided by ``epsilon``).
     """
-    columns = []
-    for column in components.unbind(1):
-        constant = segment_max(column, index, num_groups) == segment_min(column, index, num_groups)
-        normalized = group_normalize(column, index, num_groups, epsilon=epsilon)
-        columns.append(normalized.masked_fill(constant[index], 0.0))
+    columns = [group_normalize(column, index, num_groups, epsilon=epsilon) for column in components.unbind(1)]
     return torch.stack(columns, dim=1)
 
 
@@ -78,7 +74,9 @@ def gdpo_advantages(
 class GDPOConfig:
     """GDPO (NVIDIA, arXiv:2601.05242): normalise each reward per group, sum with weights, then over the batch."""
 
-    epsilon: float = option(1e-4, "Added to the group std (per component) and to the batch std.", paper=1e-4)
+    epsilon: float = option(
+        1e-4, "Added to the group std (per component) and to the batch std.", paper=1e-4, domain=NON_NEGATIVE
+    )
     batch_normalize: bool = option(True, "Z-score the weighted sum over the global batch (the paper's last step).")
     single_reward: Literal["grpo", "gdpo"] = option(
         "grpo",

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import GRPOBatch, LossInputs, Method, hookimpl, option
+from grpo_plugins import NON_NEGATIVE, GRPOBatch, LossInputs, Method, hookimpl, option
 from grpo_plugins.ops import group_normalize, masked_mean, segment_count, segment_sum
 
 _CHUNK_ELEMENTS = 1 << 27  # elements of one comparison temporary (bytes of a bool tensor)
@@ -293,11 +293,15 @@ def reinforce_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.T
 class GTPOConfig:
     """GTPO: Group-relative Trajectory-based Policy Optimization (https://arxiv.org/abs/2508.03772)."""
 
-    conflict_weight: float = option(2.0, "w_conf: weight of a conflict token in a positive completion.", paper=2.0)
-    entropy_threshold: float = option(
-        0.7, "Completions with mean token entropy above this (nats) get advantage 0.", paper=0.7
+    conflict_weight: float = option(
+        2.0, "w_conf: weight of a conflict token in a positive completion.", paper=2.0, domain=NON_NEGATIVE
     )
-    entropy_scale: float = option(0.1, "Low-entropy completions get A - entropy_scale * H.", paper=0.1)
+    entropy_threshold: float = option(
+        0.7, "Completions with mean token entropy above this (nats) get advantage 0.", paper=0.7, domain=NON_NEGATIVE
+    )
+    entropy_scale: float = option(
+        0.1, "Low-entropy completions get A - entropy_scale * H.", paper=0.1, domain=NON_NEGATIVE
+    )
     entropy_filter: bool = option(True, "Apply the entropy rule.", paper=True)
     entropy_source: Literal["auto", "sampled", "policy"] = option(
         "auto",
@@ -326,8 +330,6 @@ class GTPOConfig:
     )
 
     def __post_init__(self):
-        if self.conflict_weight < 0 or self.entropy_scale < 0:
-            raise ValueError("conflict_weight and entropy_scale must be >= 0")
         if self.entropy_filter and self.entropy_source == "policy" and not self.unclipped_loss:
             raise ValueError("entropy_source='policy' applies the rule in this method's unclipped loss: "
                              "keep unclipped_loss=True or use entropy_source='sampled'")

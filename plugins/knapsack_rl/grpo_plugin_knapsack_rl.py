@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import GRPOBatch, Method, PromptRound, hookimpl, option
+from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
 from grpo_plugins.ops import segment_mean
 from grpo_plugins.prompt_table import PromptTable
 
@@ -249,24 +249,36 @@ def right_aligned(values: torch.Tensor, index: torch.Tensor, num_groups: int) ->
 class KnapsackRLConfig:
     """Knapsack RL (Li et al., 2025, arXiv:2509.25849); defaults of the released 7B script."""
 
-    min_n: int = option(2, "N_low: rollouts every prompt with 0 < p < 1 gets at least.", paper=2)
-    max_n: int = option(128, "N_up: most rollouts the knapsack gives one prompt.", paper=128)
-    negative_n: int | None = option(None, "Rollouts for prompts with p = 0 before the fallback; None = min_n.", paper=2)
-    positive_n: int | None = option(None, "Rollouts for prompts with p = 1; None = min_n.", paper=2)
+    min_n: int = option(2, "N_low: rollouts every prompt with 0 < p < 1 gets at least.", paper=2, domain=NON_NEGATIVE)
+    max_n: int = option(128, "N_up: most rollouts the knapsack gives one prompt.", paper=128, domain=Range(1))
+    negative_n: int | None = option(
+        None, "Rollouts for prompts with p = 0 before the fallback; None = min_n.", paper=2, domain=NON_NEGATIVE
+    )
+    positive_n: int | None = option(
+        None, "Rollouts for prompts with p = 1; None = min_n.", paper=2, domain=NON_NEGATIVE
+    )
     n_default: int | None = option(
         None,
         "Rollouts for prompts without an estimate; None = the trainer's per-prompt default (round.default_rollouts).",
         paper=8,
+        domain=NON_NEGATIVE,
     )
-    confidence: float = option(0.9, "a in the 'needed rollouts' ln(1-a)/ln(max(p,1-p)) of the fallback.", paper=0.9)
+    confidence: float = option(
+        0.9, "a in the 'needed rollouts' ln(1-a)/ln(max(p,1-p)) of the fallback.", paper=0.9,
+        domain=Range(0, 1, low_open=True, high_open=True),
+    )
     allow_fallback: bool = option(True, "Send budget beyond what knapsack prompts need to unsolved prompts.")
     unseen_count_as_unsolved: bool = option(
         True,
         "Prompts without an estimate share the fallback surplus with p = 0 prompts (the released code keeps "
         "their success rate at 0); False: only p = 0 prompts.",
     )
-    min_rewards: int = option(8, "Rewards a prompt needs in total before its estimate is used.", paper=8)
-    buffer_length: int = option(16, "Robust epoch estimation: a visit with fewer rewards uses the latest this many.")
+    min_rewards: int = option(
+        8, "Rewards a prompt needs in total before its estimate is used.", paper=8, domain=NON_NEGATIVE
+    )
+    buffer_length: int = option(
+        16, "Robust epoch estimation: a visit with fewer rewards uses the latest this many.", domain=Range(1)
+    )
     robust_epoch_estimation: bool = option(
         True, "Use the recent-reward buffer for small visits (else the visit's mean)."
     )
@@ -279,7 +291,7 @@ class KnapsackRLConfig:
         "Exact solver: sorted marginal gains ('greedy', fast) or dynamic programming over (item, budget) ('dp').",
     )
     reward_range: tuple[float, float] = option(
-        (0.0, 1.0), "Rewards are mapped from this range onto [0, 1] (and clipped) to count successes."
+        (0.0, 1.0), "Rewards are mapped from this range onto [0, 1] (and clipped) to count successes.", domain=FINITE
     )
 
     def __post_init__(self):

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import LossInputs, Method, hookimpl, option
+from grpo_plugins import NON_NEGATIVE, LossInputs, Method, hookimpl, option
 
 
 def _run_starts(trainable: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ def llds_penalty(
 class LLDSConfig:
     """LLDS: lazy-likelihood-displacement regulariser (https://arxiv.org/abs/2512.04220)."""
 
-    coef: float = option(0.2, "lambda, the weight of the regulariser.", paper=0.2)
+    coef: float = option(0.2, "lambda, the weight of the regulariser.", paper=0.2, domain=NON_NEGATIVE)
     level: Literal["action", "response"] = option(
         "action",
         "Gate per action (runs of trainable tokens between masked tool output; the paper's best) or per response.",
@@ -127,11 +127,8 @@ class LLDSConfig:
         "lambda_ans for answer-span tokens (the weight used there is min(answer_coef, coef)); needs "
         "row_data['answer_span'] (B, T), 1 on answer tokens. None: no answer masking (paper default).",
         paper=None,
+        domain=NON_NEGATIVE,
     )
-
-    def __post_init__(self):
-        if self.coef < 0 or (self.answer_coef is not None and self.answer_coef < 0):
-            raise ValueError("coef and answer_coef must be >= 0")
 
 
 class LLDS(Method):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo_plugins import GRPOBatch, LossInputs, Method, hookimpl, option
+from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, LossInputs, Method, Range, hookimpl, option
 from grpo_plugins.ops import segment_count, segment_max, segment_min, segment_sum
 
 
@@ -93,11 +93,19 @@ def all_at_max(rewards: torch.Tensor, index: torch.Tensor, num_groups: int, max_
 class NGRPOConfig:
     """NGRPO: Negative-enhanced GRPO (https://arxiv.org/abs/2509.18851)."""
 
-    max_reward: float = option(1.0, "R_max, the maximum attainable reward given to each virtual sample.", paper=1.0)
-    num_virtual: int = option(1, "k, virtual maximum-reward samples added to each group's statistics.", paper=1)
-    epsilon: float = option(1e-6, "Added to the group std before dividing.", paper=1e-6)
-    clip_low: float = option(0.16, "Lower clip range: the ratio is clipped below at 1 - clip_low.", paper=0.16)
-    clip_high: float = option(0.24, "Upper clip range: the ratio is clipped above at 1 + clip_high.", paper=0.24)
+    max_reward: float = option(
+        1.0, "R_max, the maximum attainable reward given to each virtual sample.", paper=1.0, domain=FINITE
+    )
+    num_virtual: int = option(
+        1, "k, virtual maximum-reward samples added to each group's statistics.", paper=1, domain=NON_NEGATIVE
+    )
+    epsilon: float = option(1e-6, "Added to the group std before dividing.", paper=1e-6, domain=NON_NEGATIVE)
+    clip_low: float = option(
+        0.16, "Lower clip range: the ratio is clipped below at 1 - clip_low.", paper=0.16, domain=Range(0, 1)
+    )
+    clip_high: float = option(
+        0.24, "Upper clip range: the ratio is clipped above at 1 + clip_high.", paper=0.24, domain=NON_NEGATIVE
+    )
     asymmetric_clip: bool = option(
         True,
         "Provide the asymmetric clipped surrogate (policy_surrogate). Set False to keep the trainer's own "

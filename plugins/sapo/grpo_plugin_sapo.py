@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo_plugins import LossInputs, Method, hookimpl, option
+from grpo_plugins import POSITIVE, LossInputs, Method, hookimpl, option
 from grpo_plugins.ops import masked_mean
 
 LOG_RATIO_BOUND = 20.0
@@ -97,19 +97,17 @@ def sapo_token_loss(
 class SAPOConfig:
     """Soft Adaptive Policy Optimization (Gao, Zheng et al., 2025, arXiv:2511.20347)."""
 
-    tau_pos: float = option(1.0, "Gate temperature of tokens with positive advantage (larger = faster decay off-policy).")
+    tau_pos: float = option(
+        1.0, "Gate temperature of tokens with positive advantage (larger = faster decay off-policy).", domain=POSITIVE
+    )
     tau_neg: float = option(
-        1.05, "Gate temperature of tokens with zero or negative advantage; the paper recommends tau_neg >= tau_pos."
+        1.05, "Gate temperature of tokens with zero or negative advantage; the paper recommends tau_neg >= tau_pos.",
+        domain=POSITIVE,
     )
     log_ratio_bound: float = option(
-        LOG_RATIO_BOUND, "The log-ratio is clamped to [-bound, bound] before exp (as verl does), for stability."
+        LOG_RATIO_BOUND, "The log-ratio is clamped to [-bound, bound] before exp (as verl does), for stability.",
+        domain=POSITIVE,
     )
-
-    def __post_init__(self) -> None:
-        if not (self.tau_pos > 0 and self.tau_neg > 0):
-            raise ValueError(f"tau_pos and tau_neg must be > 0, got {self.tau_pos} and {self.tau_neg}")
-        if not self.log_ratio_bound > 0:
-            raise ValueError(f"log_ratio_bound must be > 0, got {self.log_ratio_bound}")
 
 
 class SAPO(Method):

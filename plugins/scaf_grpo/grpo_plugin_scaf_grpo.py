@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from grpo_plugins import GRPOBatch, Method, PromptRound, hookimpl, option
+from grpo_plugins import FINITE, NON_NEGATIVE, UNIT, GRPOBatch, Method, PromptRound, Range, hookimpl, option
 from grpo_plugins.ops import segment_max
 
 
@@ -95,18 +95,25 @@ class ScafGRPOConfig:
         ("Knowledge Hints", "Planning Hints", "Solution Hints"),
         "Label written before each tier's hint (one per column).",
     )
-    chunks_per_tier: int = option(4, "Hint levels within a tier: level j of a tier shows its first j chunks.", paper=4)
+    chunks_per_tier: int = option(
+        4, "Hint levels within a tier: level j of a tier shows its first j chunks.", paper=4, domain=Range(1)
+    )
     template: str = option("\n{label}: {hint}", "How a hint is appended to the prompt (or to the last user message).")
     total_steps: int = option(
         0,
         "Optimiser steps of the whole run, to turn warmup_fraction into steps; 0 takes the trainer's run length "
         "(PromptRound.total_steps / GRPOBatch.total_steps, e.g. TRL's max_steps).",
+        domain=NON_NEGATIVE,
     )
-    warmup_fraction: float = option(0.15, "Hint-free fraction of training (used when warmup_steps < 0).", paper=0.15)
+    warmup_fraction: float = option(
+        0.15, "Hint-free fraction of training (used when warmup_steps < 0).", paper=0.15, domain=UNIT
+    )
     warmup_steps: int = option(
-        -1, "Hint-free optimiser steps; overrides warmup_fraction when >= 0 (released code: 50)."
+        -1, "Hint-free optimiser steps; overrides warmup_fraction when >= 0 (released code: 50).", domain=Range(-1)
     )
-    correct_reward: float = option(1.0, "A completion counts as correct when its reward is >= this value.")
+    correct_reward: float = option(
+        1.0, "A completion counts as correct when its reward is >= this value.", domain=FINITE
+    )
     reward_name: str = option(
         "", "Reward component that decides correctness (a reward function's name); '' uses the shaped total reward."
     )

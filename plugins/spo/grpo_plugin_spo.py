@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import GRPOBatch, Method, PromptRound, hookimpl, option
+from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
 from grpo_plugins.ops import global_mean_std, segment_sum
 from grpo_plugins.parallel import ParallelContext
 from grpo_plugins.prompt_table import PromptTable
@@ -119,16 +119,27 @@ class SPOConfig:
         "'constant' uses rho_constant (the recipe's rho.type=constant).",
         paper="kl",
     )
-    rho_constant: float = option(0.875, "Forgetting factor of rho_mode='constant' (recipe rho.value).")
-    half_life: float = option(0.06, "D_half: the policy distance at which evidence loses half its weight.")
-    rho_min: float = option(0.875, "Lower clip of rho (recipe rho.clip_lower); also sets the offline prior's N0.")
-    rho_max: float = option(0.96, "Upper clip of rho (caps a tracker's effective sample size at 1/(1-rho_max)).")
-    sampling_epsilon: float = option(0.05, "eps added to sqrt(v(1-v)) in the sampling weights.")
-    norm_epsilon: float = option(1e-8, "Added to the batch std before dividing.")
-    prior_alpha: float = option(0.5, "alpha of a prompt never seen (without offline initialisation).")
-    prior_beta: float = option(0.5, "beta of a prompt never seen.")
+    rho_constant: float = option(
+        0.875, "Forgetting factor of rho_mode='constant' (recipe rho.value).", domain=Range(0, 1, low_open=True)
+    )
+    half_life: float = option(
+        0.06, "D_half: the policy distance at which evidence loses half its weight.", domain=POSITIVE
+    )
+    rho_min: float = option(
+        0.875, "Lower clip of rho (recipe rho.clip_lower); also sets the offline prior's N0.",
+        domain=Range(0, 1, low_open=True),
+    )
+    rho_max: float = option(
+        0.96, "Upper clip of rho (caps a tracker's effective sample size at 1/(1-rho_max)).",
+        domain=Range(0, 1, low_open=True),
+    )
+    sampling_epsilon: float = option(0.05, "eps added to sqrt(v(1-v)) in the sampling weights.", domain=NON_NEGATIVE)
+    norm_epsilon: float = option(1e-8, "Added to the batch std before dividing.", domain=NON_NEGATIVE)
+    prior_alpha: float = option(0.5, "alpha of a prompt never seen (without offline initialisation).", domain=POSITIVE)
+    prior_beta: float = option(0.5, "beta of a prompt never seen.", domain=POSITIVE)
     reward_range: tuple[float, float] = option(
-        (0.0, 1.0), "Rewards are mapped from this range onto [0, 1]; the tracker counts the clipped value as success."
+        (0.0, 1.0), "Rewards are mapped from this range onto [0, 1]; the tracker counts the clipped value as success.",
+        domain=FINITE,
     )
 
     def __post_init__(self):

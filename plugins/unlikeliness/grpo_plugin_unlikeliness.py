@@ -21,8 +21,8 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import GRPOBatch, Method, hookimpl, option
-from grpo_plugins.ops import masked_mean, masked_sum, segment_max, segment_min, segment_std
+from grpo_plugins import UNIT, GRPOBatch, Method, hookimpl, option
+from grpo_plugins.ops import constant_groups, masked_mean, masked_sum
 
 
 def sequence_scores(old_log_probs: torch.Tensor, mask: torch.Tensor, reduce: Literal["mean", "sum"] = "mean") -> torch.Tensor:
@@ -88,7 +88,8 @@ class UnlikelinessConfig:
     """Unlikeliness reward (He, Fried, Welleck, 2025, arXiv:2506.02355)."""
 
     rank_penalty: float = option(
-        0.25, "beta: the most likely of G completions loses beta*(G-1)/G of its reward (the release's lean.rank_penalty)."
+        0.25, "beta: the most likely of G completions loses beta*(G-1)/G of its reward (the release's lean.rank_penalty).",
+        domain=UNIT,
     )
     score: Literal["mean", "sum"] = option(
         "mean",
@@ -101,10 +102,6 @@ class UnlikelinessConfig:
         "them unshaped (zero advantage), which is what the release's advantage_threshold filter amounts to.",
         paper=False,
     )
-
-    def __post_init__(self) -> None:
-        if not self.rank_penalty >= 0:
-            raise ValueError(f"rank_penalty must be >= 0, got {self.rank_penalty}")
 
 
 class Unlikeliness(Method):
@@ -132,16 +129,15 @@ class Unlikeliness(Method):
         index, groups = batch.group_index, batch.num_groups
         shaped = unlikeliness_rewards(rewards, scores, index, groups, self.config.rank_penalty)
         if not self.config.shape_uniform_groups:
-            uniform = segment_max(rewards, index, groups) == segment_min(rewards, index, groups)
-            shaped = torch.where(uniform[index], rewards, shaped)
+            shaped = torch.where(constant_groups(rewards, index, groups)[index], rewards, shaped)
         with torch.no_grad():
             rewarded = rewards != 0
             if bool(rewarded.any()):
                 self.log_metric("mean_reward_scale", (shaped[rewarded] / rewards[rewarded]).mean())
             multi = batch.group_sizes > 1
             if bool(multi.any()):
-                flat_before = segment_std(rewards, index, groups)[multi] == 0
-                flat_after = segment_std(shaped, index, groups)[multi] == 0
+                flat_before = constant_groups(rewards, index, groups)[multi]
+                flat_after = constant_groups(shaped, index, groups)[multi]
                 self.log_metric("frac_flat_groups_before", flat_before.float().mean())
                 self.log_metric("frac_flat_groups_after", flat_after.float().mean())
         return shaped

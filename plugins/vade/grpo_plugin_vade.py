@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo_plugins import GRPOBatch, Method, PromptRound, hookimpl, option
+from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
 from grpo_plugins.ops import segment_sum
 from grpo_plugins.prompt_table import PromptTable
 
@@ -109,17 +109,23 @@ def thompson_select(
 class VADEConfig:
     """VADE (Hu et al., 2025, arXiv:2511.18902); decay constants inferred (the paper's code is not public)."""
 
-    prior_alpha: float = option(1.0, "a0: prior successes of Beta(a0, b0), also the level decay relaxes toward.")
-    prior_beta: float = option(1.0, "b0: prior failures.")
-    time_decay: float = option(
-        0.99, "lam_g in (0, 1]: evidence keeps lam_g^(steps since the last update) of its weight."
+    prior_alpha: float = option(
+        1.0, "a0: prior successes of Beta(a0, b0), also the level decay relaxes toward.", domain=POSITIVE
     )
-    visit_decay: float = option(1.0, "lam_v in (0, 1]: evidence kept at each new visit before adding it.")
+    prior_beta: float = option(1.0, "b0: prior failures.", domain=POSITIVE)
+    time_decay: float = option(
+        0.99, "lam_g in (0, 1]: evidence keeps lam_g^(steps since the last update) of its weight.",
+        domain=Range(0, 1, low_open=True),
+    )
+    visit_decay: float = option(
+        1.0, "lam_v in (0, 1]: evidence kept at each new visit before adding it.", domain=Range(0, 1, low_open=True)
+    )
     pool_size: int = option(
-        0, "Candidates scored per round: 0 = the whole dataset; else a uniform random pool of this many (at least P)."
+        0, "Candidates scored per round: 0 = the whole dataset; else a uniform random pool of this many (at least P).",
+        domain=NON_NEGATIVE,
     )
     reward_range: tuple[float, float] = option(
-        (0.0, 1.0), "Rewards are mapped from this range onto [0, 1] (and clipped) to count successes."
+        (0.0, 1.0), "Rewards are mapped from this range onto [0, 1] (and clipped) to count successes.", domain=FINITE
     )
 
     def __post_init__(self):

@@ -49,7 +49,7 @@ def test_zero_penalty_is_identity(enable_methods):
 
 
 def test_negative_penalty_is_a_config_error(enable_methods):
-    with pytest.raises(ConfigError, match="length_penalty.*penalty_per_token must be >= 0"):
+    with pytest.raises(ConfigError, match=r"length_penalty.*'penalty_per_token' must lie in \[0, inf\)"):
         enable_methods([{"length_penalty": {"penalty_per_token": -0.1}}])
 
 

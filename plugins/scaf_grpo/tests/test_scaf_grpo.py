@@ -151,7 +151,7 @@ def test_warmup_from_the_trainers_run_length():
 
 
 def test_clear_errors():
-    with pytest.raises(ConfigError, match="total_steps must be >= 0"):
+    with pytest.raises(ConfigError, match=r"'total_steps' must lie in \[0, inf\)"):
         Composition([{"scaf_grpo": {"total_steps": -1}}])
     assert Composition([{"scaf_grpo": {"warmup_steps": 50}}]).method("scaf_grpo").warmup_steps == 50
     comp = scaf()

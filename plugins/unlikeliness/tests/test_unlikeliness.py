@@ -143,8 +143,10 @@ def test_missing_old_log_probs_is_a_clear_error():
 
 
 def test_config_is_validated():
-    with pytest.raises(ConfigError, match="rank_penalty must be >= 0"):
+    with pytest.raises(ConfigError, match=r"'rank_penalty' must lie in \[0, 1\]"):
         Composition([{"unlikeliness": {"rank_penalty": -0.1}}])
+    with pytest.raises(ConfigError, match=r"'rank_penalty' must lie in \[0, 1\], got 5"):  # would rank correct below wrong
+        Composition([{"unlikeliness": {"rank_penalty": 5}}])
     with pytest.raises(ConfigError, match="score"):
         Composition([{"unlikeliness": {"score": "median"}}])
 
