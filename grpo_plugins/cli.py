@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -60,7 +61,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     fields = describe_config(cls.Config)
     print("config:" if fields else "config: (no options)")
     for f in fields:
-        print(f"  {f['name']}: {f['type']} = {f['default']!r}  (paper: {f['paper']!r})")
+        print(f"  {f['name']}: {f['type']} = {f['default']!r}  (domain: {f['domain']}; paper: {f['paper']!r})")
         print(f"      {f['help']}")
     return 0
 
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     except GRPOPluginsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`grpo-plugins list --json | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from grpo_plugins.batch import GRPOBatch, LossInputs, PromptRound
 from grpo_plugins.config import build_config
 from grpo_plugins.errors import BatchError, CompositionError, GRPOPluginsError, PluginError
 from grpo_plugins.method import Method
-from grpo_plugins.registry import resolve
+from grpo_plugins.padding import clean_batch_padding, clean_loss_padding
+from grpo_plugins.registry import disabled_names, resolve
 from grpo_plugins.validation import check_output, check_plain_state, validate_batch
 
 logger = logging.getLogger("grpo_plugins")
@@ -108,7 +109,7 @@ class Composition:
     def __init__(self, methods: Iterable[MethodSpec] | None = None, defaults: Mapping[str, Mapping] | None = None):
         defaults = defaults or {}
         parsed = parse_specs(methods)
-        if "grpo" not in {name for name, _ in parsed}:
+        if "grpo" not in {name for name, _ in parsed} and "grpo" not in disabled_names():
             parsed.append(("grpo", {}))
         self.enabled: list[EnabledMethod] = [self._instantiate(name, spec, defaults) for name, spec in parsed]
         self._manager = pluggy.PluginManager(hookspecs.PROJECT)
@@ -121,6 +122,11 @@ class Composition:
         self._check_pending()
         self._impls = self._collect_impls()
         self._check_single_providers()
+        if not self._impls["compute_advantages"]:
+            raise CompositionError(
+                "GRPO_PLUGINS_DISABLED blocks the built-in 'grpo', the default advantage estimator, and no enabled "
+                "method implements 'compute_advantages': enable one or unblock 'grpo'"
+            )
         self._required = self._collect_required()
         self._trace = os.environ.get("GRPO_PLUGINS_TRACE", "") not in ("", "0")
 
@@ -135,6 +141,8 @@ class Composition:
                 return EnabledMethod(name, BUILTIN_DISTRIBUTION, __version__, spec, builtin=True)
             module = type(spec).__module__.split(".")[0]
             return EnabledMethod(name, f"<object from {module}>", "", spec)
+        if name == "grpo" and "grpo" in disabled_names():
+            raise CompositionError("method 'grpo' is disabled by GRPO_PLUGINS_DISABLED")
         if name == "grpo":
             cls, distribution, version, builtin = GRPO, BUILTIN_DISTRIBUTION, __version__, True
         else:
@@ -338,6 +346,7 @@ class Composition:
             PluginError: a method raised or broke its hook's contract.
         """
         validate_batch(batch)
+        clean_batch_padding(batch)
         n = batch.num_completions
         tokens = None if batch.completion_mask is None else tuple(batch.completion_mask.shape)
         for entry, impl in self._impls["shape_rewards"]:
@@ -372,6 +381,7 @@ class Composition:
         provides ``policy_surrogate``.
         """
         shape = tuple(inputs.log_probs.shape)
+        inputs = clean_loss_padding(inputs)
         policy = None
         for entry, impl in self._impls["policy_surrogate"]:
             policy = self._checked("policy_surrogate", entry, impl, dict(shape=shape), inputs=inputs)

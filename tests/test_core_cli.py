@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from grpo_plugins import Composition, CompositionError
 from grpo_plugins.cli import main
 from grpo_plugins.registry import discover, resolve
 
@@ -75,7 +76,7 @@ def test_show(capsys):
         "Subtract a per-token length penalty from each completion's reward (shape_rewards).",
         "hooks: shape_rewards",
     ]
-    assert "  penalty_per_token: float = 0.001  (paper: 0.001)" in out
+    assert "  penalty_per_token: float = 0.001  (domain: [0, inf); paper: 0.001)" in out
 
 
 def test_show_unknown_and_grpo(capsys):
@@ -84,7 +85,7 @@ def test_show_unknown_and_grpo(capsys):
     assert main(["show", "grpo"]) == 0
     out = capsys.readouterr().out
     assert "paper: https://arxiv.org/abs/2402.03300" in out
-    assert "  scale: 'group' | 'batch' | 'none' = 'group'  (paper: 'group')" in out
+    assert "  scale: 'group' | 'batch' | 'none' = 'group'  (domain: 'group' | 'batch' | 'none'; paper: 'group')" in out
 
 
 def test_check(tmp_path):
@@ -119,3 +120,19 @@ def test_check_errors(tmp_path, capsys, text, error):
 def test_check_missing_file(tmp_path, capsys):
     assert main(["check", str(tmp_path / "absent.yaml")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_disabling_the_builtin_blocks_it(monkeypatch):
+    monkeypatch.setenv("GRPO_PLUGINS_DISABLED", "grpo")
+    with pytest.raises(CompositionError, match="method 'grpo' is disabled by GRPO_PLUGINS_DISABLED"):
+        Composition(["grpo"])
+    with pytest.raises(CompositionError, match="blocks the built-in 'grpo'.*no enabled method implements 'compute_advantages'"):
+        Composition(["length_penalty"])
+    assert Composition(["spo"]).names == ["spo"]  # another estimator: grpo is not needed
+
+
+def test_list_json_into_a_closed_pipe_exits_quietly():
+    process = subprocess.run(
+        f"'{SCRIPT}' list --json | head -c 10", shell=True, capture_output=True, text=True, check=True
+    )
+    assert process.stdout.startswith("[") and "BrokenPipe" not in process.stderr and "Traceback" not in process.stderr

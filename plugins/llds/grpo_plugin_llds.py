@@ -80,8 +80,9 @@ def _penalty_parts(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``d`` (with gradient), the 0/1 ``(B, T)`` factor ``g * 1[d >= 0]`` (penalty = ``d`` times it), the
     gate, and the numbers of gated and of all actions (0-d)."""
-    displacement = old_log_probs.detach() - log_probs
     preserving = (mask > 0) & (advantages >= 0)
+    # Zero off the preserving set, so that padded (possibly NaN) log-probs never reach the loss or its gradient.
+    displacement = torch.where(preserving, old_log_probs.detach() - log_probs, 0.0)
     gate, gated, actions = _gate(displacement, preserving, level)
     # ``g * max(0, d)`` as ``d * 1[g and d >= 0]``: ``>=`` keeps clamp's gradient at d = 0.
     active = (gate & (displacement >= 0)).to(log_probs.dtype)
