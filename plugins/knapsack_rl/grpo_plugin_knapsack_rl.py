@@ -29,6 +29,7 @@ import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
 from grpo_plugins.ops import segment_mean
+from grpo_plugins.budgets import spread_evenly  # noqa: F401  (re-exported: the shared even split)
 from grpo_plugins.prompt_table import PromptTable
 
 # --------------------------------------------------------------------------------------------- maths
@@ -110,19 +111,6 @@ def knapsack_greedy(gains: torch.Tensor, budget: int) -> torch.Tensor:
     marginal = (gains[:, 1:] - gains[:, :-1]).reshape(-1)
     order = torch.sort(marginal, descending=True, stable=True).indices[:budget]
     return torch.bincount(torch.div(order, width - 1, rounding_mode="floor"), minlength=num_items)
-
-
-def spread_evenly(counts: torch.Tensor, members: torch.Tensor, amount: int) -> torch.Tensor:
-    """Spread ``amount`` over the ``members`` ``(P,)`` mask of ``counts`` ``(P,)``.
-
-    Each of the ``m`` members gets ``amount // m``; the first ``amount % m`` (in order) get one more.
-    """
-    index = members.nonzero().flatten()
-    if amount <= 0 or index.numel() == 0:
-        return counts
-    base, remainder = divmod(int(amount), index.numel())
-    extra = torch.full_like(index, base) + (torch.arange(index.numel()) < remainder).long()
-    return counts.index_add(0, index, extra)
 
 
 def knapsack_allocate(

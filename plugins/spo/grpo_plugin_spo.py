@@ -26,7 +26,7 @@ import torch
 from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
 from grpo_plugins.ops import global_mean_std, segment_sum
 from grpo_plugins.parallel import ParallelContext
-from grpo_plugins.prompt_table import PromptTable
+from grpo_plugins.prompt_table import PromptTable, draw_weighted
 
 # --------------------------------------------------------------------------------------------- maths
 
@@ -84,13 +84,10 @@ def offline_prior(
 def draw_prompts(weights: torch.Tensor, num_prompts: int, generator: torch.Generator) -> torch.Tensor:
     """``(P,)`` indices drawn with probability ``weights / sum(weights)`` (uniform if the sum is 0).
 
-    Without replacement while there are enough prompts with positive weight, with replacement otherwise.
+    Without replacement while there are enough prompts with positive weight, with replacement otherwise
+    (the core's :func:`grpo_plugins.prompt_table.draw_weighted`).
     """
-    weights = weights.double().clamp(min=0)
-    if not bool(weights.sum() > 0):
-        weights = torch.ones_like(weights)
-    replacement = num_prompts > int((weights > 0).sum())
-    return torch.multinomial(weights, num_prompts, replacement=replacement, generator=generator)
+    return draw_weighted(weights, num_prompts, generator)
 
 
 # --------------------------------------------------------------------------------------------- config

@@ -1,0 +1,149 @@
+"""BNPO: Beta Normalization Policy Optimization (arXiv:2506.02864).
+
+GRPO divides a group's centred rewards by their standard deviation. BNPO instead divides by a Beta
+density evaluated at the group's success rate, with Beta parameters fitted to the batch's success
+rates at every step (no state across steps):
+
+    s_i   = (r_i - r_min) / (r_max - r_min)              rewards mapped to [0, 1] by a fixed range
+    p_g   = mean_{i in g} s_i                            (0 for a group of one, as in the paper's code)
+    m, v  = mean and unbiased variance of p_g over the batch's groups  (m = 0, v = 1 with one group)
+    k     = m (1 - m) / v - 1
+    alpha = max(1 + k m / 3, 1),   beta = max(1 + k (1 - m) / 3, 1)   (alpha = beta = 1 when v = 0)
+    w_g   = clip(1 / BetaPDF(p_g; alpha, beta), 0, 1e6)
+    A_i   = w_g (s_i - p_g)
+
+With several binary rewards, the paper's "advantage decomposition" normalises each reward
+component separately (its own alpha, beta) and averages: ``A = (1/K) sum_k A^(k)``.
+
+This is **not** TRL's ``loss_type="bnpo"``, which is a loss normaliser (token mean over the local
+batch); this method changes the advantages and works with any loss type.
+
+Shapes: ``N`` completions, ``G`` groups, ``K`` reward components. Advantages are ``(N,)``. The
+batch statistics of ``p_g`` (count, mean, variance) are global across data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from grpo_plugins import FINITE, POSITIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
+from grpo_plugins.ops import global_mean_std, segment_count, segment_max, segment_mean, segment_min
+
+
+def success_rates(scores: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``p_g``: mean of ``scores`` ``(N,)`` in each group -> ``(G,)``; a group of one gets 0 (the paper's code)."""
+    means = segment_mean(scores, index, num_groups)
+    return torch.where(segment_count(index, num_groups) > 1, means, torch.zeros_like(means))
+
+
+def beta_parameters(rates: torch.Tensor, parallel: ParallelContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adaptive ``(alpha, beta)`` (two scalars) from the success rates ``rates`` ``(G,)`` of the batch.
+
+    Method of moments with a third of the fitted excess: ``k = m (1 - m) / v - 1``,
+    ``alpha = max(1 + k m / 3, 1)``, ``beta = max(1 + k (1 - m) / 3, 1)``. One group in the whole
+    batch uses ``m = 0, v = 1``; a zero variance (every group at the same rate) uses ``alpha = beta = 1``.
+    """
+    parallel = parallel or ParallelContext()
+    rates = rates.double()
+    count = parallel.all_reduce_sum(rates.new_tensor([rates.numel()]))[0]
+    mean, std = global_mean_std(rates, parallel, unbiased=True)
+    mean = torch.where(count > 1, mean, torch.zeros_like(mean))
+    var = torch.where(count > 1, std**2, torch.ones_like(std))
+    excess = mean * (1 - mean) / var.clamp(min=torch.finfo(torch.float64).tiny) - 1
+    alpha = torch.clamp(1 + excess * mean / 3, min=1.0)
+    beta = torch.clamp(1 + excess * (1 - mean) / 3, min=1.0)
+    flat = var == 0
+    one = torch.ones_like(alpha)
+    return torch.where(flat, one, alpha), torch.where(flat, one, beta)
+
+
+def beta_density(p: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``BetaPDF(p; alpha, beta)`` for ``p`` in ``[0, 1]`` (any shape); ``0 log 0`` counts as 0, so
+    ``alpha = 1`` (or ``beta = 1``) gives a finite density at the edge."""
+    p = p.double()
+    log_norm = torch.lgamma(alpha + beta) - torch.lgamma(alpha) - torch.lgamma(beta)
+    return torch.exp(log_norm + torch.xlogy(alpha - 1, p) + torch.xlogy(beta - 1, 1 - p))
+
+
+def bnpo_advantages(
+    scores: torch.Tensor,
+    index: torch.Tensor,
+    num_groups: int,
+    parallel: ParallelContext | None = None,
+    max_weight: float = 1e6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BNPO advantages of one reward in ``[0, 1]`` -> ``((N,) advantages, alpha, beta)``.
+
+    ``scores``: ``(N,)`` rewards already mapped to ``[0, 1]``; ``index``: ``(N,)`` group of each
+    completion in ``[0, G)``. A group whose scores are all equal gives exactly 0 (also where the
+    density is 0 and the weight is clipped at ``max_weight``).
+    """
+    rates = success_rates(scores, index, num_groups)
+    alpha, beta = beta_parameters(rates, parallel)
+    weights = (1.0 / beta_density(rates, alpha, beta)).clamp(0.0, max_weight).to(scores.dtype)
+    advantages = weights.index_select(0, index) * (scores - rates.index_select(0, index))
+    constant = segment_max(scores, index, num_groups) == segment_min(scores, index, num_groups)
+    constant = constant & (segment_count(index, num_groups) > 1)  # a group of one keeps s - 0 (the code's baseline)
+    return torch.where(constant.index_select(0, index), torch.zeros_like(advantages), advantages), alpha, beta
+
+
+@dataclass(frozen=True)
+class BNPOConfig:
+    """BNPO (arXiv:2506.02864): advantages divided by an adaptive Beta density of the group's success rate."""
+
+    reward_min: float = option(0.0, "Lowest possible reward; s = (r - reward_min) / (reward_max - reward_min).",
+                               paper=0.0, domain=FINITE)
+    reward_max: float = option(1.0, "Highest possible reward.", paper=1.0, domain=FINITE)
+    max_weight: float = option(1e6, "Upper clip of the weight 1 / BetaPDF(p).", paper=1e6, domain=POSITIVE)
+    decompose: bool = option(
+        False, "Advantage decomposition: normalise every reward component separately and average "
+        "(the paper's use_advantage_decomposition; its run script leaves it off).", paper=False,
+    )
+    single_completion: Literal["zero_baseline", "error"] = option(
+        "zero_baseline", "A group of one completion: 'zero_baseline' uses p = 0 as the paper's code does "
+        "(its advantage is w * s); 'error' refuses such batches.", paper="zero_baseline",
+    )
+
+    def __post_init__(self):
+        if self.reward_max <= self.reward_min:
+            raise ValueError(f"reward_max ({self.reward_max}) must be greater than reward_min ({self.reward_min})")
+
+
+class BNPO(Method):
+    """BNPO: A = (s - p_g) / BetaPDF(p_g; alpha, beta), with alpha, beta fitted to the batch (not TRL's loss_type='bnpo')."""
+
+    name = "bnpo"
+    Config = BNPOConfig
+    paper = "https://arxiv.org/abs/2506.02864"
+
+    @hookimpl
+    def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:
+        """``(N,)`` BNPO advantages from ``batch.rewards`` (or each of ``batch.reward_components`` with ``decompose``)."""
+        if self.config.single_completion == "error":
+            batch.require_group_size(2, "bnpo with single_completion='error'")
+        if self.config.decompose and batch.reward_components is not None:
+            components = batch.reward_components.float()
+            columns = torch.where(torch.isnan(components), torch.zeros_like(components), components).unbind(1)
+            names = batch.reward_names or tuple(f"component {k}" for k in range(len(columns)))
+        else:
+            columns, names = (batch.rewards.float(),), ("reward",)
+        results = [self._one_reward(column, name, batch) for column, name in zip(columns, names)]
+        advantages = torch.stack([adv for adv, _, _ in results]).mean(0)
+        self.log_metric("alpha", results[0][1])
+        self.log_metric("beta", results[0][2])
+        self.log_metric("frac_zero_advantage", (advantages == 0).float().mean())
+        return advantages
+
+    def _one_reward(self, rewards: torch.Tensor, name: str, batch: GRPOBatch):
+        low, high = self.config.reward_min, self.config.reward_max
+        outside = (rewards < low) | (rewards > high)
+        if bool(outside.any()):
+            raise ValueError(
+                f"{name} has values in [{rewards.min().item():g}, {rewards.max().item():g}], outside "
+                f"[reward_min, reward_max] = [{low:g}, {high:g}]; set reward_min / reward_max to the reward's range"
+            )
+        scores = (rewards - low) / (high - low)
+        return bnpo_advantages(scores, batch.group_index, batch.num_groups, batch.parallel, self.config.max_weight)

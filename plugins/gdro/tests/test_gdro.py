@@ -1,0 +1,142 @@
+"""GDRO, enabled by name; numbers hand-computed from the method card (22-gdro.md)."""
+
+import math
+
+import pytest
+import torch
+
+from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins.budgets import apportion
+from grpo_plugin_gdro import bin_distribution, difficulty_bins, draw_by_bins, hedge_update, sqrt_rule_weights
+
+
+def plan(num_prompts=4, budget=16, dataset_size=20, step=0):
+    return PromptRound(num_prompts=num_prompts, budget=budget, dataset_size=dataset_size, step=step, default_rollouts=budget // num_prompts)
+
+
+def test_discovered_with_two_switches():
+    composition = Composition(["gdro"])
+    for hook in ("sample_prompts", "allocate_rollouts", "observe"):
+        assert composition.providers(hook) == ["gdro"]
+    assert Composition([{"gdro": {"use_prompt_gdro": False}}]).providers("sample_prompts") == []
+    assert Composition([{"gdro": {"use_rollout_gdro": False}}]).providers("allocate_rollouts") == []
+
+
+def test_bins_and_unseen_prompts_are_hardest():
+    rates = torch.tensor([0.0, 0.19, 0.2, 0.5, 0.8, 1.0, 0.9])
+    seen = torch.tensor([True, True, True, True, True, True, False])
+    assert difficulty_bins(rates, seen, (0, 0.2, 0.4, 0.6, 0.8, 1)).tolist() == [0, 0, 1, 2, 4, 4, 0]
+
+
+def test_card_hedge_step():
+    # a = .5, eta = 1, gamma = 0, bin losses [1, 0] after one step: m = [.5, 0], mhat = m / (1 - .5) = [1, 0]
+    # -> q = softmax([1, 0]) = [.731, .269]
+    log_w, ema, updates = hedge_update(torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64),
+                                       torch.zeros(2, dtype=torch.long), torch.tensor([1.0, 0.0], dtype=torch.float64),
+                                       torch.tensor([True, True]), rate=0.5, step_size=1.0)
+    q = bin_distribution(log_w, mixing=0.0)
+    assert q.tolist() == pytest.approx([math.e / (math.e + 1), 1 / (math.e + 1)]) and q.tolist() == pytest.approx([0.731, 0.269], abs=1e-3)
+    assert bin_distribution(log_w, mixing=0.1).tolist() == pytest.approx([0.9 * 0.7311 + 0.05, 0.9 * 0.2689 + 0.05], abs=1e-4)
+    # the same step through observe: unseen prompts (bin 0) all fail, seen easy prompts (bin 1) all pass
+    composition = Composition([{"gdro": {"bin_edges": (0.0, 0.5, 1.0), "ema_rate": 0.5, "mixing": 0.0}}])
+    method = composition.method("gdro")
+    method.table.set("pass_rate", torch.tensor([5, 6]), torch.tensor([1.0, 1.0]))
+    method.table.set("seen", torch.tensor([5, 6]), True)
+    composition.run_observe(GRPOBatch(prompt_ids=torch.tensor([1, 1, 2, 2, 5, 5, 6, 6]), rewards=torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1])), 1)
+    assert method.distribution().tolist() == pytest.approx([0.731, 0.269], abs=1e-3)
+    assert method.bins(torch.tensor([1, 5, 9])).tolist() == [0, 1, 0]  # 1 now seen with p = 0; 9 unseen
+
+
+def test_card_square_root_allocation():
+    # q = [.8, .2], p = [.5, .5], 4 prompts each, n in [1, 64], budget 64 -> [11, 5]
+    bins = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    weights = sqrt_rule_weights(torch.tensor([0.8, 0.2]), torch.full((8,), 0.5), bins, variance_floor=0.05)
+    assert apportion(weights, 64, 1, 64).tolist() == [11] * 4 + [5] * 4
+    composition = Composition([{"gdro": {"bin_edges": (0.0, 0.5, 1.0), "min_rollouts": 1, "max_rollouts": 64, "mixing": 0.0}}])
+    method = composition.method("gdro")
+    ids = torch.arange(8)
+    method.table.set("pass_rate", ids, torch.tensor([0.25] * 4 + [0.75] * 4))
+    method.table.set("seen", ids, True)
+    method.log_weights = torch.log(torch.tensor([0.8, 0.2], dtype=torch.float64))
+    # q = [.8, .2] (no mixing); sigma^2 = .25 * .75 + .05 in both bins -> n ∝ sqrt(q): 10.67 vs 5.33 -> [11, 5]
+    counts = composition.rollout_counts(plan(8, 64, 8), ids)
+    assert counts.tolist() == [11] * 4 + [5] * 4 and int(counts.sum()) == 64
+
+
+def test_draw_by_bins_follows_q_and_keeps_prompts_distinct_inside_a_bin():
+    bins = torch.tensor([0] * 10 + [1] * 10 + [2] * 3)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.tensor([0.6, 0.4, 0.0])
+    draws = [draw_by_bins(bins, q, 5, generator) for _ in range(400)]
+    chosen = torch.cat(draws)
+    assert set(bins[chosen].tolist()) <= {0, 1}
+    assert float((bins[chosen] == 0).double().mean()) == pytest.approx(0.6, abs=0.03)
+    assert all(len(set(d.tolist())) == 5 for d in draws)  # each bin has 10 prompts: no repeat within a round
+    empty = draw_by_bins(torch.tensor([1, 1]), torch.tensor([0.9, 0.1]), 3, generator)  # bin 0 is empty
+    assert sorted(empty.tolist()) == [0, 0, 1] or sorted(empty.tolist()) == [0, 1, 1]
+
+
+def test_property_hard_bins_get_more_prompts_and_rollouts_than_uniform():
+    composition = Composition(["gdro"])
+    method = composition.method("gdro")
+    ids = torch.arange(100)
+    rates = torch.where(ids < 50, 0.1, 0.9)  # half hard (bin 0), half easy (bin 4)
+    method.table.set("pass_rate", ids, rates)
+    method.table.set("seen", ids, True)
+    for step in range(10):  # hard prompts keep failing, easy ones keep passing
+        batch_ids = torch.tensor([0, 1, 60, 61]).repeat_interleave(4)
+        rewards = torch.tensor([0.0] * 8 + [1.0] * 8)
+        composition.run_observe(GRPOBatch(prompt_ids=batch_ids, rewards=rewards), step + 1)
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.cat([composition.run_sample_prompts(plan(8, 32, 100), generator) for _ in range(50)])
+    assert float((drawn < 50).double().mean()) > 0.75  # uniform sampling: 0.5
+    counts = composition.rollout_counts(plan(4, 32, 100), torch.tensor([2, 3, 70, 71]))
+    assert int(counts.sum()) == 32 and bool((counts[:2] > counts[2:]).all())  # GRPO: 8 each
+
+
+def test_edge_cases_and_messages():
+    with pytest.raises(PluginError, match="gdro.*min_rollouts=2.*use_rollout_gdro=False"):
+        Composition(["gdro"]).rollout_counts(plan(4, 6), torch.arange(4))
+    with pytest.raises(PluginError, match="gdro.*NaN"):
+        Composition(["gdro"]).run_observe(GRPOBatch(prompt_ids=torch.tensor([0, 0]), rewards=torch.tensor([1.0, float("nan")])), 1)
+    with pytest.raises(ConfigError, match="bin_edges"):
+        Composition([{"gdro": {"bin_edges": (0.0, 0.6, 0.4, 1.0)}}])
+    with pytest.raises(ConfigError, match="both off"):
+        Composition([{"gdro": {"use_prompt_gdro": False, "use_rollout_gdro": False}}])
+    # a batch with groups of one and a bin never observed: the weights stay finite
+    composition = Composition(["gdro"])
+    composition.run_observe(GRPOBatch(prompt_ids=torch.tensor([3, 4]), rewards=torch.tensor([1.0, 0.0])), 1)
+    assert bool(torch.isfinite(composition.method("gdro").distribution()).all())
+
+
+def test_resumed_run_plans_the_same_rounds(tmp_path):
+    def play(composition, generator, rounds, start=0):
+        out = []
+        for r in range(start, start + rounds):
+            round_ = plan(4, 24, 30, r)
+            ids = composition.run_sample_prompts(round_, generator)
+            counts = composition.rollout_counts(round_, ids)
+            out.append((ids.tolist(), counts.tolist()))
+            prompt_ids = torch.repeat_interleave(ids, counts)
+            rewards = ((prompt_ids * 5 + torch.arange(prompt_ids.numel())) % 3 == 0).float()
+            composition.run_observe(GRPOBatch(prompt_ids=prompt_ids, rewards=rewards), r + 1)
+        return out
+
+    straight = play(Composition(["gdro"]), torch.Generator().manual_seed(4), 9)
+    first, generator = Composition(["gdro"]), torch.Generator().manual_seed(4)
+    head = play(first, generator, 6)
+    first.save(tmp_path / "state.pt")
+    resumed = Composition(["gdro"])
+    resumed.load(tmp_path / "state.pt")
+    assert head + play(resumed, torch.Generator().set_state(generator.get_state()), 3, start=6) == straight
+    assert all(sum(c) == 24 for _, c in straight)
+
+
+def test_single_providers_are_told_apart_with_the_switch_to_use():
+    pytest.importorskip("grpo_plugin_cures", reason="the conflict partner grpo-plugin-cures is not installed")
+    with pytest.raises(CompositionError) as error:
+        Composition(["gdro", "cures"])
+    message = str(error.value)
+    assert "'gdro'" in message and "'cures'" in message and "sample_prompts" in message and "switch the hook off" in message
+    composition = Composition([{"gdro": {"use_prompt_gdro": False}}, {"cures": {"use_allocation": False}}])
+    assert composition.providers("sample_prompts") == ["cures"] and composition.providers("allocate_rollouts") == ["gdro"]

@@ -1,0 +1,183 @@
+"""MultiRole-R1: diversity-enhanced reasoning for subjective questions (Wang et al., arXiv:2507.20187).
+
+RL with a verifiable reward narrows a model to one line of reasoning, which hurts questions whose
+answer depends on whose perspective is taken. MultiRole-R1 keeps the verifiable accuracy reward and
+adds two diversity rewards, then runs plain GRPO on the sum:
+
+    D_per(y) = min(#distinct roles named in y, K_max) / K_max                  (perspective diversity)
+    D_lex(y) = #distinct n-grams of y / #n-grams of y, 0 below n tokens         (lexical diversity, distinct-n)
+    r        = r_acc + gate * (lambda_per D_per + lambda_lex D_lex),   gate = 1, or 1[r_acc > 0] if gated
+    A_i      = (r_i - mean_g r) / (std_g r + eps)                               (plain GRPO)
+
+``r_acc`` and the role count come from reward components the user provides (the roles a completion
+names are parsed by the user's reward function or judge); ``D_lex`` is computed here from the
+completion tokens with vectorised tensor operations. Shapes: ``N`` completions, ``T`` tokens,
+``n`` the n-gram order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, Range, hookimpl, option
+
+OtherRewards = Literal["error", "add", "ignore"]
+_NO_NGRAM = torch.iinfo(torch.long).max  # sorts after every real n-gram key
+
+
+# ----------------------------------------------------------------- the paper's maths
+def distinct_ngram_ratio(token_ids: torch.Tensor, mask: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """distinct-n of each completion: ``#unique n-grams / #n-grams`` -> ``(N,)`` float.
+
+    Args:
+        token_ids: ``(N, T)`` int64 completion tokens (padding may hold anything).
+        mask: ``(N, T)``, > 0 on real tokens; an n-gram counts only if all its ``n`` tokens are real.
+        n: the n-gram order.
+
+    A completion with fewer than ``n`` real tokens gets 0. Each n-gram is packed into one int64 key
+    (base ``max id + 1``), the keys are sorted per row and the distinct ones counted where a key
+    differs from its left neighbour: no loop over completions or tokens.
+    """
+    num, width = token_ids.shape
+    windows = width - n + 1
+    if windows <= 0:
+        return torch.zeros(num, dtype=torch.float32, device=token_ids.device)
+    real = mask > 0
+    ids = torch.where(real, token_ids.long(), torch.zeros_like(token_ids, dtype=torch.long))
+    base = int(ids.max()) + 1 if ids.numel() else 1
+    if base**n >= _NO_NGRAM:
+        raise ValueError(f"{n}-grams over token ids up to {base - 1} do not fit one int64 key; use a smaller n")
+    keys = torch.zeros(num, windows, dtype=torch.long, device=token_ids.device)
+    complete = torch.ones(num, windows, dtype=torch.bool, device=token_ids.device)
+    for offset in range(n):  # n is tiny (1-4): a loop over the n-gram positions, not over tokens
+        keys = keys * base + ids[:, offset:offset + windows]
+        complete &= real[:, offset:offset + windows]
+    keys = torch.where(complete, keys, torch.full_like(keys, _NO_NGRAM)).sort(dim=1).values
+    first = torch.ones_like(complete)
+    first[:, 1:] = keys[:, 1:] != keys[:, :-1]
+    distinct = (first & (keys != _NO_NGRAM)).sum(dim=1)
+    total = complete.sum(dim=1)
+    return torch.where(total > 0, distinct / total.clamp(min=1), torch.zeros_like(distinct, dtype=torch.float32)).float()
+
+
+def perspective_diversity(role_counts: torch.Tensor, max_roles: int = 4) -> torch.Tensor:
+    """``D_per = min(roles, K_max) / K_max`` -> ``(N,)``; ``role_counts`` ``(N,)`` >= 0."""
+    return role_counts.clamp(max=max_roles) / max_roles
+
+
+def multirole_rewards(
+    accuracy: torch.Tensor, perspective: torch.Tensor, lexical: torch.Tensor,
+    perspective_weight: float = 0.5, lexical_weight: float = 0.5, gate_on_accuracy: bool = False,
+) -> torch.Tensor:
+    """``r = r_acc + gate (lambda_per D_per + lambda_lex D_lex)`` -> ``(N,)``; all inputs ``(N,)``."""
+    bonus = perspective_weight * perspective + lexical_weight * lexical
+    if gate_on_accuracy:
+        bonus = torch.where(accuracy > 0, bonus, torch.zeros_like(bonus))
+    return accuracy + bonus
+
+
+# ----------------------------------------------------------------- reading the reward components
+def named_component(batch: GRPOBatch, name: str, method: str, setting: str) -> torch.Tensor:
+    """The ``(N,)`` reward component called ``name``; a clear error when it is missing or has NaN."""
+    names = tuple(batch.reward_names)
+    if batch.reward_components is None or name not in names:
+        have = f"reward components {list(names)}" if batch.reward_components is not None else "no reward components"
+        raise ValueError(
+            f"{method} reads the reward '{name}' (config '{setting}'), but the trainer has {have}. Add a reward "
+            f"function named '{name}' (TRL: a function with __name__ '{name}' in reward_funcs; verl: a "
+            f"reward_extra_info key '{name}'), or set {setting} to the name of yours"
+        )
+    values = batch.reward_components[:, names.index(name)].float()
+    missing = torch.isnan(values)
+    if bool(missing.any()):
+        where = missing.nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{method}: the reward '{name}' ({setting}) is missing (None/NaN) for completions {where}; "
+                         "it must score every completion")
+    return values
+
+
+def other_rewards_sum(batch: GRPOBatch, used: set[str], policy: OtherRewards, method: str) -> torch.Tensor | float:
+    """Trainer-weighted sum ``(N,)`` of the components the method does not read (``policy='add'``), 0 for
+    ``'ignore'``; with ``'error'`` any such component is a clear error."""
+    names = tuple(batch.reward_names) if batch.reward_components is not None else ()
+    others = [k for k, name in enumerate(names) if name not in used]
+    if not others or policy == "ignore":
+        return 0.0
+    if policy == "error":
+        raise ValueError(
+            f"{method} builds the reward from {sorted(used)}, but the trainer also has reward(s) "
+            f"{[names[k] for k in others]}; set other_rewards='add' to add them with the trainer's weights, or "
+            "'ignore' to leave them out"
+        )
+    columns = batch.reward_components[:, others].float()
+    weights = torch.ones(len(names)) if batch.reward_weights is None else batch.reward_weights
+    return (columns * weights[others].to(columns)).nansum(dim=1)
+
+
+# ----------------------------------------------------------------- the method
+@dataclass(frozen=True)
+class MultiRoleConfig:
+    """MultiRole-R1 (arXiv:2507.20187): accuracy + perspective diversity + lexical diversity (distinct-n)."""
+
+    accuracy_reward: str = option("accuracy", "Reward component with the verifiable accuracy r_acc.")
+    roles_reward: str = option(
+        "roles", "Reward component with the number of distinct roles/stakeholders a completion names; '' = no "
+        "perspective term.",
+    )
+    max_roles: int = option(4, "K_max: role counts above it earn no more (inferred).", domain=Range(1, None))
+    perspective_weight: float = option(0.5, "lambda_per (inferred).", domain=NON_NEGATIVE)
+    lexical_weight: float = option(0.5, "lambda_lex (inferred).", domain=NON_NEGATIVE)
+    ngram: int = option(2, "n of distinct-n (the paper's lexical diversity: distinct-2).", domain=Range(1, 4))
+    gate_on_accuracy: bool = option(
+        False, "Add the diversity terms only where r_acc > 0, so verbose wrong answers earn nothing (inferred).",
+    )
+    other_rewards: OtherRewards = option(
+        "error",
+        "Reward components the method does not read: 'error' refuses them, 'add' adds them with the trainer's "
+        "weights, 'ignore' leaves them out.",
+    )
+
+    def __post_init__(self):
+        if not self.accuracy_reward:
+            raise ValueError("accuracy_reward must name a reward component")
+        if self.roles_reward == self.accuracy_reward:
+            raise ValueError(f"roles_reward and accuracy_reward must differ, got '{self.roles_reward}' for both")
+
+
+class MultiRole(Method):
+    """MultiRole-R1: GRPO on accuracy plus perspective (role count) and lexical (distinct-2) diversity rewards."""
+
+    name = "multirole"
+    Config = MultiRoleConfig
+    paper = "https://arxiv.org/abs/2507.20187"
+
+    def requires(self) -> set[str]:
+        return {"completion_ids", "completion_mask"}
+
+    @hookimpl
+    def shape_rewards(self, batch: GRPOBatch) -> torch.Tensor:
+        """``(N,)`` accuracy plus weighted diversity rewards; replaces the trainer's sum of the components it reads."""
+        c = self.config
+        accuracy = named_component(batch, c.accuracy_reward, self.name, "accuracy_reward")
+        if c.roles_reward:
+            roles = named_component(batch, c.roles_reward, self.name, "roles_reward")
+            if bool((roles < 0).any()):
+                raise ValueError(f"multirole: the role counts of '{c.roles_reward}' must be >= 0")
+            perspective = perspective_diversity(roles, c.max_roles)
+        else:
+            perspective = torch.zeros_like(accuracy)
+        if batch.completion_ids is None:
+            raise ValueError("multirole computes distinct-n from the completion tokens, but the batch has none")
+        lexical = distinct_ngram_ratio(batch.completion_ids, batch.token_mask, c.ngram).to(accuracy)
+        shaped = multirole_rewards(
+            accuracy, perspective, lexical, c.perspective_weight, c.lexical_weight, c.gate_on_accuracy
+        )
+        shaped = shaped + other_rewards_sum(batch, {c.accuracy_reward, c.roles_reward} - {""}, c.other_rewards, self.name)
+        self.log_metric("accuracy", accuracy.mean())
+        self.log_metric(f"distinct_{c.ngram}", lexical.mean())
+        self.log_metric("perspective_diversity", perspective.mean())
+        self.log_metric("mean_length", batch.token_mask.gt(0).sum(-1).float().mean())
+        return shaped.to(batch.rewards.dtype)
