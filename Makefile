@@ -4,6 +4,6 @@ install:
 demo: install
 	.venv/bin/python examples/trl_demo.py
 test: install
-	.venv/bin/python -m pytest -q
+	bash scripts/test.sh
 bench: install
 	.venv/bin/python benchmarks/run_all.py --quick

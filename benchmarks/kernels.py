@@ -65,11 +65,12 @@ class CheckTimer:
     """Wraps the core's contract checks, as the composition calls them, and sums the time spent in them."""
 
     def __init__(self) -> None:
-        import grpo_plugins.composition as composition_module
+        import grpo_plugins.dispatch as dispatch_module
+        import grpo_plugins.stages as stages_module
 
         self.seconds = 0.0
-        for name in ("validate_batch", "check_output"):
-            setattr(composition_module, name, self._timed(getattr(composition_module, name)))
+        for module, name in ((stages_module, "validate_batch"), (dispatch_module, "check_contract")):
+            setattr(module, name, self._timed(getattr(module, name)))
 
     def _timed(self, check):
         def wrapper(*args, **kwargs):

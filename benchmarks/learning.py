@@ -1,232 +1,560 @@
-"""Learning efficiency: does a method (or a composed stack) reach vanilla GRPO's accuracy with fewer rollouts?
+"""Learning benchmark: does a method (or a composed stack) reach vanilla GRPO's accuracy with fewer rollouts?
 
-    python benchmarks/learning.py --quick     # 2 seeds, 4 configurations, a couple of minutes
-    python benchmarks/learning.py             # 5 seeds, every round-1 method and the stacks
+    python benchmarks/learning.py --quick          # vanilla, the oracle, knapsack_rl, ngrpo; 2 seeds, 40 steps
+    python benchmarks/learning.py                  # every installed method and four stacks (resumable)
+    python benchmarks/learning.py --only my_method # one method's rows, against the stored vanilla runs
+    python benchmarks/learning.py --report-only    # rebuild the table from the stored runs, train nothing
 
-Task: addition with 1- and 2-digit operands (difficulty levels), a ~0.1M-parameter Qwen2 model built
-locally and warm-started with a short supervised phase on other problems than the 64 RL prompts, exact-answer 0/1 reward. Every configuration
-trains from the same warm start per seed with the same rollouts per step and the same number of
-steps (so the same total rollout budget). Reported per configuration, over seeds:
+Task (``benchmarks/learning_task.py``): addition at four levels (operand digits ``1+1``, ``2+1``, ``2+2``,
+``3+2``) on a ~0.1M-parameter Qwen2 model built locally, warm-started once, single-threaded and seeded, to a
+mid-range accuracy (the checkpoint's SHA-256 is recorded); 600 held-out problems, greedy exact match per
+level; one 0/1 exact-answer reward. Every configuration trains from the same checkpoint with the same
+rollouts per step and steps, on two prompt pools:
 
-- rollouts needed to first reach the accuracy vanilla reaches at the end (median, min-max);
-- final accuracy per difficulty level; area under the accuracy curve (mean accuracy over evaluations);
-- the fraction of groups with zero advantage signal (every advantage of the group is 0).
+- ``revisited``: a pool each prompt of which is drawn about eight times over the run (multi-epoch training:
+  methods that learn from history can act);
+- ``fresh``: a pool three times larger than the run consumes (each prompt is seen at most once).
 
-Writes ``benchmarks/results/learning.{json,md,png}`` and prints the headline as one JSON line.
+Reported per configuration and regime, over seeds: rollouts (completions generated, counted by a probe) to
+reach the target -- vanilla's mean accuracy at a fixed early budget -- per seed and median, and the per-seed
+ratio to vanilla's; the area under the accuracy curve over the budget; final accuracy per level; the
+fraction of groups with zero advantage signal; CPU seconds per step relative to vanilla; and a verdict
+(better / worse / tie) in which differences within the measured seed noise are ties. ``noise.sd_at_target``
+is the seed sd of vanilla's accuracy at the target; ``sensitivity.oracle_rollouts_ratio`` is what an oracle
+that drops the prompts the model already solves saves (``learning_configs.Oracle``).
+
+Every run is stored as JSON under ``<out>/learning.runs/<mode>/<regime>/<configuration>/seed<k>.json`` with a
+key of everything that determines it (the checkpoint hash included), so an interrupted benchmark continues
+where it stopped, and a method added later runs only its own rows while the table keeps every stored row.
+Runs go to ``--jobs`` processes of one thread each. Writes ``<out>/learning.{json,md,png}`` (the picture: one
+panel per regime) and prints the headline as one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import math
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+sys.path.insert(0, HERE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+import learning_stats as stats  # noqa: E402
+from learning_configs import (  # noqa: E402
+    BASELINE, ORACLE, Configuration, choose_stacks, discover_configurations, stack_configuration,
+)
+from learning_task import RunSettings, TaskSettings  # noqa: E402
 
-from arithmetic_task import build_model, make_problems, run_grpo, to_dataset, warm_start  # noqa: E402
-from grpo_plugins import Method, hookimpl  # noqa: E402
-from grpo_plugins.ops import segment_max  # noqa: E402
-
-LEVELS = (1, 2)
-PROMPTS = 64  # the RL prompt pool: small enough that prompts are revisited (trackers need history)
-FULL_CONFIGS = {
-    "vanilla": None,
-    "spo": ["spo"],
-    "vade": ["vade"],
-    "knapsack_rl": ["knapsack_rl"],
-    "gdpo": ["gdpo"],
-    "ngrpo": ["ngrpo"],
-    "gtpo": ["gtpo"],
-    "llds": ["llds"],
-    "sapo": ["sapo"],
-    "unlikeliness": ["unlikeliness"],
-    "knapsack_rl+ngrpo+unlikeliness": ["knapsack_rl", "ngrpo", "unlikeliness"],
-    "vade+ngrpo+llds": ["vade", "ngrpo", "llds"],
-}
-QUICK_CONFIGS = ["vanilla", "knapsack_rl", "ngrpo", "knapsack_rl+ngrpo+unlikeliness"]
+REGIMES = ("revisited", "fresh")
+RESULTS = os.path.join(HERE, "results")
 
 
-class SignalProbe(Method):
-    """Measures the fraction of groups whose advantages are all zero; passes advantages through unchanged."""
+@dataclass(frozen=True)
+class Mode:
+    """The sizes of one benchmark mode."""
 
-    name = "signal_probe"
-
-    def __init__(self):
-        super().__init__()
-        self.fractions: list[float] = []
-
-    @hookimpl
-    def adjust_advantages(self, batch, advantages):
-        magnitude = advantages.abs() if advantages.dim() == 1 else (advantages.abs() * batch.token_mask).amax(1)
-        group_signal = segment_max(magnitude, batch.group_index, batch.num_groups)
-        self.fractions.append(float((group_signal < 1e-8).float().mean()))
-        return advantages
+    name: str
+    run: RunSettings
+    seeds: int  # every configuration
+    seeds_confirmed: int  # vanilla, the oracle, the stacks and every configuration called better than vanilla
+    target_fraction: float  # the target is vanilla's accuracy at this fraction of the budget
+    revisits: int  # times each prompt of the revisited pool is drawn over the run
+    stacks: int
+    window: int  # the curve at a grid point is the mean of the last `window` evaluations
+    configurations: tuple[str, ...] | None  # exact configuration names; None: every installed method
 
 
-def rollouts_to_reach(curve: list[tuple[int, float]], target: float, rollouts_per_step: int) -> float:
-    """Rollouts at the first evaluation whose accuracy reaches ``target`` (inf if never)."""
-    for step, acc in curve:
-        if acc >= target - 1e-9:
-            return step * rollouts_per_step
-    return float("inf")
+FULL = Mode("full", RunSettings(steps=200, prompts_per_step=16, num_generations=4, lr=1e-4, eval_every=5),
+            seeds=3, seeds_confirmed=5, target_fraction=0.25, revisits=8, stacks=4, window=4, configurations=None)
+QUICK = Mode("quick", RunSettings(steps=40, prompts_per_step=16, num_generations=4, lr=1e-4, eval_every=5),
+             seeds=2, seeds_confirmed=2, target_fraction=0.25, revisits=8, stacks=0, window=2,
+             configurations=(ORACLE, "knapsack_rl", "ngrpo"))
 
 
-def area_under_curve(curve: list[tuple[int, float]]) -> float:
-    """Trapezoidal mean accuracy over the training steps."""
-    steps, acc = zip(*curve)
-    area = sum((steps[i + 1] - steps[i]) * (acc[i] + acc[i + 1]) / 2 for i in range(len(steps) - 1))
-    return area / (steps[-1] - steps[0])
+# ----------------------------------------------------------------------------- one run (in a worker process)
+_WORKER: dict[str, Any] = {}
 
 
-def run(configs: dict, seeds: int, steps: int, warm_steps: int, eval_every: int, rollouts_per_step: int) -> dict:
-    runs = {name: [] for name in configs}
-    for seed in range(seeds):
-        warm_problems = make_problems(512, LEVELS, seed=seed + 500)
-        train_problems = make_problems(PROMPTS, LEVELS, seed=seed)
-        eval_problems = make_problems(120, LEVELS, seed=seed + 1000)
-        model, tokenizer = build_model(seed)
-        warm_start(model, tokenizer, warm_problems, warm_steps, seed=seed)
-        dataset = to_dataset(train_problems)
-        for name, plugins in configs.items():
-            probe = SignalProbe()
-            start = time.perf_counter()
-            result = run_grpo(
-                model, tokenizer, dataset, eval_problems, plugins=[*(plugins or []), probe], steps=steps,
-                rollouts_per_step=rollouts_per_step, seed=seed, eval_every=eval_every,
+def task_settings(mode: Mode) -> TaskSettings:
+    draws = mode.run.steps * mode.run.prompts_per_step
+    return TaskSettings(revisited_pool=max(mode.run.prompts_per_step, draws // mode.revisits), fresh_pool=3 * draws)
+
+
+def _load_task(task: TaskSettings) -> dict[str, Any]:
+    """Problem sets, the warm-start checkpoint and the evaluator, once per process."""
+    if _WORKER.get("task") != task:
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from learning_task import GreedyEvaluator, load_warm_start, problem_sets
+
+        hf_logging.set_verbosity_error()
+        torch.set_num_threads(1)
+        sets = problem_sets(task)
+        model, tokenizer, digest = load_warm_start(task, sets["warm"])
+        _WORKER.update(task=task, sets=sets, model=model, tokenizer=tokenizer, hash=digest,
+                       evaluator=GreedyEvaluator(tokenizer, sets["eval"]))
+    return _WORKER
+
+
+def warm_start_info(task: TaskSettings) -> dict[str, Any]:
+    """The checkpoint hash and its accuracy per level (computes and caches the warm start once)."""
+    from learning_task import mean_over_levels
+
+    state = _load_task(task)
+    by_level = state["evaluator"].accuracy_by_level(state["model"])
+    return {"checkpoint_sha256": state["hash"], "accuracy_by_level": by_level, "accuracy": mean_over_levels(by_level)}
+
+
+def run_one(config: Configuration, regime: str, seed: int, task: TaskSettings, run: RunSettings) -> dict[str, Any]:
+    """Train one configuration on one pool with one seed; a configuration that cannot run returns ``skipped``."""
+    import traceback
+
+    from learning_configs import Oracle, SignalProbe, digits_only_reward
+    from learning_task import grpo_run
+
+    state = _load_task(task)
+    pool = state["sets"][regime]
+    last_error = ""
+    for extras in (False, True):
+        probe = SignalProbe()
+        plugins: list[Any] = config.spec()
+        oracle = None
+        if config.kind == "oracle":
+            oracle = Oracle(pool, state["tokenizer"])
+            plugins = [oracle]
+
+        def attach(trainer, oracle=oracle):
+            if oracle is not None:
+                oracle.model = trainer.model
+
+        try:
+            result = grpo_run(
+                state["model"], state["tokenizer"], pool, state["evaluator"], [*plugins, probe], run, seed,
+                extra_reward_funcs=[digits_only_reward] if extras else None, on_trainer=attach,
             )
-            result.pop("trainer")
-            result.update(seconds=time.perf_counter() - start, zero_signal=statistics.mean(probe.fractions))
-            runs[name].append(result)
-            print(f"seed {seed} {name:<28} final acc {result['accuracy'][-1][1]:.3f} "
-                  f"zero-signal {result['zero_signal']:.2f} ({result['seconds']:.0f} s)", flush=True)
-    return runs
+        except Exception as error:  # noqa: BLE001 - the reason goes into the results
+            last_error = f"{type(error).__name__}: {error}".strip()
+            tail = traceback.format_exc(limit=-2)
+            if extras:
+                return {"skipped": f"fails on the addition task (also with a second reward component): {last_error}",
+                        "traceback": tail}
+            continue
+        result.pop("trainer")
+        cumulative, rollouts_at = 0, {"0": 0}
+        for step, count in enumerate(probe.completions, start=1):
+            cumulative += count
+            rollouts_at[str(step)] = cumulative
+        result.update(
+            rollouts_at={str(step): rollouts_at[str(step)] for step, _ in result["curve"]},
+            rollouts=cumulative, steps=len(probe.completions),
+            zero_signal=statistics.mean(probe.zero_signal) if probe.zero_signal else math.nan,
+            seconds_train_cpu=result["seconds_cpu"] - result.pop("seconds_eval_cpu"),
+            extras=["digits_only_reward"] if extras else [], first_error=last_error if extras else "",
+        )
+        return result
+    raise AssertionError("unreachable")
 
 
-def summarise(runs: dict, rollouts_per_step: int) -> dict:
-    vanilla_final = [r["accuracy"][-1][1] for r in runs["vanilla"]]
-    summary = {}
-    for name, results in runs.items():
-        needed = [rollouts_to_reach(r["accuracy"], target, rollouts_per_step) for r, target in zip(results, vanilla_final)]
-        summary[name] = {
-            "rollouts_to_vanilla_final_median": statistics.median(needed),
-            "rollouts_to_vanilla_final_min": min(needed),
-            "rollouts_to_vanilla_final_max": max(needed),
-            "final_accuracy": statistics.mean(r["accuracy"][-1][1] for r in results),
-            "final_accuracy_by_level": {
-                str(level): statistics.mean(r["final_accuracy_by_level"][level] for r in results) for level in LEVELS
-            },
-            "auc": statistics.mean(area_under_curve(r["accuracy"]) for r in results),
-            "zero_signal_group_fraction": statistics.mean(r["zero_signal"] for r in results),
-            "seconds_per_run": statistics.mean(r["seconds"] for r in results),
-        }
-    return summary
+# ----------------------------------------------------------------------------- the store of runs
+def run_key(config: Configuration, regime: str, seed: int, task: TaskSettings, run: RunSettings, checkpoint: str) -> str:
+    from learning_configs import Oracle
+
+    parts = [config.spec(), config.kind, regime, seed, asdict(task), asdict(run), checkpoint]
+    if config.kind == "oracle":
+        parts.append(Oracle.version)
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def plot(runs: dict, rollouts_per_step: int, path: str) -> None:
-    """Mean accuracy against rollouts: single methods on the left, composed stacks on the right, each
-    panel with vanilla; min-max bands over seeds for vanilla and the stacks."""
+def run_path(out: str, mode: str, config: Configuration, regime: str, seed: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "+_-[]." else "_" for c in config.name)
+    return os.path.join(out, "learning.runs", mode, regime, safe, f"seed{seed}.json")
+
+
+def stored_stacks(out: str, mode: str) -> list[str]:
+    """Names of the stacks (``a+b``) with stored runs of this mode."""
+    root = os.path.join(out, "learning.runs", mode)
+    names = {name for regime in REGIMES if os.path.isdir(os.path.join(root, regime))
+             for name in os.listdir(os.path.join(root, regime)) if "+" in name}
+    return sorted(names)
+
+
+def load_run(path: str, key: str) -> dict[str, Any] | None:
+    """A stored run if it was made with exactly these settings (``key``), else None."""
+    try:
+        with open(path) as handle:
+            stored = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return stored if stored.get("key") == key else None
+
+
+def save_run(path: str, record: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(stats.json_safe(record), handle, indent=1)
+    os.replace(tmp, path)
+
+
+def restore_floats(value: Any) -> Any:
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: restore_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [restore_floats(v) for v in value]
+    return value
+
+
+def execute(jobs: list[tuple[Configuration, str, int]], mode: Mode, task: TaskSettings, checkpoint: str, out: str,
+            workers: int, rerun: set[str], train: bool = True) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Every job's run: from the store when its key matches (unless its configuration is in ``rerun``), else
+    (``train``) trained in ``workers`` processes of one thread each and stored as soon as it finishes."""
+    import multiprocessing
+
+    results, todo = {}, []
+    for config, regime, seed in jobs:
+        key = run_key(config, regime, seed, task, mode.run, checkpoint)
+        path = run_path(out, mode.name, config, regime, seed)
+        stored = None if config.name in rerun else load_run(path, key)
+        if stored is not None:
+            results[(config.name, regime, seed)] = dict(restore_floats(stored), window=mode.window)
+        else:
+            todo.append((config, regime, seed, key, path))
+    if not todo or not train:
+        return results
+    print(f"{len(todo)} runs to do ({len(jobs) - len(todo)} stored), {workers} processes", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(run_one, config, regime, seed, task, mode.run): (config, regime, seed, key, path)
+                   for config, regime, seed, key, path in todo}
+        for future in as_completed(futures):
+            config, regime, seed, key, path = futures[future]
+            record = future.result()
+            record.update(key=key, configuration=config.name, plugins=config.spec(), regime=regime, seed=seed,
+                          checkpoint_sha256=checkpoint)
+            save_run(path, record)
+            results[(config.name, regime, seed)] = dict(record, window=mode.window)
+            if "skipped" in record:
+                print(f"{regime:<9} {config.name:<32} seed {seed}: skipped ({record['skipped'][:120]})", flush=True)
+            else:
+                from learning_task import mean_over_levels
+
+                print(f"{regime:<9} {config.name:<32} seed {seed}: final acc "
+                      f"{mean_over_levels(record['curve'][-1][1]):.3f}, zero-signal {record['zero_signal']:.2f}, "
+                      f"{record['seconds_train_cpu']:.0f} s CPU", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- summaries
+def target_rollouts(vanilla: list[dict[str, Any]], fraction: float) -> float:
+    """The first grid point (after step 0) at or beyond ``fraction`` of the budget."""
+    grid = [x for x, _ in stats.mean_curve(vanilla[0])[1:]]
+    return next((x for x in grid if x >= fraction * grid[-1]), grid[-1])
+
+
+def identical(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["curve"] == b["curve"] and a["reward"] == b["reward"]
+
+
+def summarise_regime(configs: list[Configuration], results: dict, regime: str, mode: Mode) -> dict[str, Any]:
+    """Noise, sensitivity and one record per configuration in one regime."""
+
+    def runs_of(name: str) -> list[dict[str, Any]]:
+        found = [results[k] for k in sorted(results) if k[0] == name and k[1] == regime]
+        return [r for r in found if "skipped" not in r]
+
+    vanilla = runs_of(BASELINE)
+    target = stats.noise(vanilla, target_rollouts(vanilla, mode.target_fraction))
+    records = {}
+    for config in configs:
+        if config.skip:
+            records[config.name] = {"configuration": config.name, "regime": regime, "kind": config.kind,
+                                    "skipped": config.skip}
+            continue
+        runs = runs_of(config.name)
+        skipped = [results[k]["skipped"] for k in sorted(results) if k[:2] == (config.name, regime)
+                   and "skipped" in results[k]]
+        if not runs:
+            if skipped:
+                records[config.name] = {"configuration": config.name, "regime": regime, "kind": config.kind,
+                                        "skipped": skipped[0]}
+            continue
+        vanilla_by_seed = {r["seed"]: r for r in vanilla}
+        paired = [vanilla_by_seed[r["seed"]] for r in runs if r["seed"] in vanilla_by_seed]
+        record = stats.summarise(runs, paired, target)
+        record.update(
+            configuration=config.name, regime=regime, kind=config.kind, category=config.category,
+            plugins=config.spec(),
+            identical_to_vanilla_seeds=sum(identical(r, vanilla_by_seed[r["seed"]]) for r in runs
+                                           if r["seed"] in vanilla_by_seed),
+            extras=sorted({e for r in runs for e in r.get("extras", [])}),
+        )
+        if config.name == BASELINE:
+            record["verdict"] = "reference"
+        records[config.name] = record
+    out = {"noise": target, "records": records}
+    if ORACLE in records and "skipped" not in records[ORACLE]:
+        ratio = records[ORACLE]["rollouts_ratio"]
+        out["sensitivity"] = {"oracle_rollouts_ratio": ratio["median"], "oracle_rollouts_ratio_min": ratio["min"],
+                              "oracle_rollouts_ratio_max": ratio["max"], "per_seed": ratio["per_seed"],
+                              "oracle_auc": records[ORACLE]["auc"], "vanilla_auc": records[BASELINE]["auc"]}
+    return out
+
+
+def fmt(value: Any, spec: str = ".0f") -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return format(value, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    run = s["run"]
+    warm = report["warm_start"]
+    lines = [
+        f"# Learning benchmark ({s['mode']} mode" + (f", a partial run: {' '.join(s['partial'])}" if s["partial"] else "")
+        + ")",
+        "",
+        f"{run['steps']} steps x {run['prompts_per_step']} prompts x {run['num_generations']} completions "
+        f"({run['steps'] * run['prompts_per_step'] * run['num_generations']} rollouts per run), lr {run['lr']}, "
+        f"evaluation every {run['eval_every']} steps on {len(warm['accuracy_by_level']) * s['task']['eval_per_level']} "
+        f"held-out problems (greedy exact match), levels {', '.join(warm['accuracy_by_level'])}; curves are trailing "
+        f"means of {s['window']} evaluations.",
+        f"Warm start: checkpoint sha256 `{warm['checkpoint_sha256'][:16]}...`, accuracy {warm['accuracy']:.3f} ("
+        + ", ".join(f"{k}: {v:.2f}" for k, v in warm["accuracy_by_level"].items()) + ").",
+        "",
+    ]
+    for regime, part in report["regimes"].items():
+        noise = part["noise"]
+        lines += [
+            f"## Regime: {regime} pool ({s['pools'][regime]} prompts)",
+            "",
+            f"Target: vanilla's mean accuracy at {noise['target_rollouts']:.0f} rollouts = {noise['target_accuracy']:.3f}; "
+            f"seed sd there `noise.sd_at_target` = {noise['sd_at_target']:.4f} ({noise['seeds']} seeds); sd of AUC "
+            f"{noise['sd_auc']:.4f}.",
+        ]
+        if "sensitivity" in part:
+            sens = part["sensitivity"]
+            lines.append(
+                f"Sensitivity: the oracle needs {fmt(sens['oracle_rollouts_ratio'], '.2f')}x vanilla's rollouts to reach "
+                f"the target (per seed {fmt(sens['oracle_rollouts_ratio_min'], '.2f')}-"
+                f"{fmt(sens['oracle_rollouts_ratio_max'], '.2f')})."
+            )
+        lines += [
+            "",
+            "| configuration | verdict | rollouts to target, median [per seed] | ratio to vanilla [min, max] | AUC (sd) "
+            "| final acc. (sd) | by level | zero-signal groups | step time vs vanilla | seeds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        ranked = sorted(part["records"].values(), key=lambda r: ("skipped" in r, -r.get("auc", {}).get("mean", 0)))
+        for r in ranked:
+            if "skipped" in r:
+                continue
+            per_seed = ", ".join(fmt(x) for x in r["rollouts_to_target"]["per_seed"])
+            ratio = r["rollouts_ratio"]
+            same = " (= vanilla)" if r["identical_to_vanilla_seeds"] == r["seeds"] and r["configuration"] != BASELINE else ""
+            lines.append(
+                f"| {r['configuration']} | {r['verdict']}{same} | {fmt(r['rollouts_to_target']['median'])} [{per_seed}] | "
+                f"{fmt(ratio['median'], '.2f')} [{fmt(ratio['min'], '.2f')}, {fmt(ratio['max'], '.2f')}] | "
+                f"{r['auc']['mean']:.3f} ({r['auc']['sd']:.3f}) | {r['final_accuracy']['mean']:.3f} "
+                f"({r['final_accuracy']['sd']:.3f}) | "
+                + ", ".join(f"{v:.2f}" for v in r["final_accuracy"]["by_level"].values())
+                + f" | {r['zero_signal_group_fraction']:.2f} | {r['relative_step_time']:.2f} | {r['seeds']} |"
+            )
+        skipped = [r for r in part["records"].values() if "skipped" in r]
+        if skipped:
+            lines += ["", "Not run on this task:", ""]
+            lines += [f"- `{r['configuration']}`: {r['skipped'][:300]}" for r in skipped]
+        lines += [""]
+    lines += [
+        "![accuracy against rollouts, one panel per regime](learning.png)",
+        "",
+        "Verdict: the difference of mean AUC to vanilla against twice its standard error (seed sd floored at "
+        "vanilla's); within it, a tie. `inf`: the target was never reached. `(= vanilla)`: every seed trained "
+        "bit for bit like vanilla's.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], results: dict, regimes: tuple[str, ...], path: str) -> None:
+    """One panel per regime, mean accuracy against rollouts: vanilla (with its min-max seed band), the oracle
+    (dashed), the stacks and the configurations whose verdict is not a tie; the ties in light grey; dotted
+    lines at the target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
 
-    colours = plt.get_cmap("tab20").colors
-    fig, (singles, stacks) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for i, (name, results) in enumerate(runs.items()):
-        x = [s * rollouts_per_step for s, _ in results[0]["accuracy"]]
-        acc = torch.tensor([[a for _, a in r["accuracy"]] for r in results])
-        panels = [singles, stacks] if name == "vanilla" else [stacks if "+" in name else singles]
-        for ax in panels:
-            colour = "black" if name == "vanilla" else colours[(2 * i) % len(colours)]
-            ax.plot(x, acc.mean(0), label=name, color=colour, linewidth=2.5 if name == "vanilla" else 1.5)
-            if name == "vanilla" or "+" in name:
-                ax.fill_between(x, acc.min(0).values, acc.max(0).values, color=colour, alpha=0.1)
-    seeds = len(next(iter(runs.values())))
-    for ax, title in ((singles, "single methods"), (stacks, "composed stacks")):
-        ax.set(xlabel="rollouts (completions generated)", title=f"{title}: mean over {seeds} seeds")
+    fig, axes = plt.subplots(1, len(regimes), figsize=(8 * len(regimes), 5.5), sharey=True, squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        records = report["regimes"][regime]["records"]
+        colours = iter(plt.get_cmap("tab10").colors * 6)
+        for name, record in records.items():
+            if "skipped" in record:
+                continue
+            runs = [results[k] for k in sorted(results) if k[0] == name and k[1] == regime and "skipped" not in results[k]]
+            x = [p[0] for p in stats.mean_curve(runs[0])]
+            acc = torch.tensor([[p[1] for p in stats.mean_curve(r)] for r in runs])
+            shown = name in (BASELINE, ORACLE) or record["kind"] == "stack" or record["verdict"] not in ("tie", "unknown")
+            style = dict(color="black", linewidth=2.5) if name == BASELINE else (
+                dict(color="grey", linestyle="--", linewidth=2) if name == ORACLE else
+                dict(color=next(colours), linewidth=1.5) if shown else dict(color="lightgrey", linewidth=0.8))
+            ax.plot(x, acc.mean(0), label=name if shown else None, **style)
+            if name == BASELINE:
+                ax.fill_between(x, acc.min(0).values, acc.max(0).values, color="black", alpha=0.12)
+        noise = report["regimes"][regime]["noise"]
+        ax.axhline(noise["target_accuracy"], color="black", linewidth=0.6, linestyle=":")
+        ax.axvline(noise["target_rollouts"], color="black", linewidth=0.6, linestyle=":")
+        ax.set(xlabel="rollouts (completions generated)", title=f"{regime} pool: mean over seeds (grey: ties with vanilla)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    singles.set_ylabel("greedy accuracy (held out)")
+        ax.legend(fontsize=7, ncol=2)
+    axes[0][0].set_ylabel("greedy accuracy, mean over levels (held out)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def json_safe(value):
-    """``value`` with infinite floats written as the string "inf" (JSON has no infinity)."""
-    if isinstance(value, float) and value == float("inf"):
-        return "inf"
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
+# ----------------------------------------------------------------------------- the command
+def plan(configs: list[Configuration], regimes: tuple[str, ...], seeds_of) -> list[tuple[Configuration, str, int]]:
+    return [(c, regime, seed) for c in configs if not c.skip for regime in regimes for seed in range(seeds_of(c))]
 
 
-def markdown(summary: dict, settings: dict) -> str:
-    lines = [
-        f"Learning benchmark ({settings['mode']}): {settings['seeds']} seeds, {settings['steps']} steps x "
-        f"{settings['rollouts_per_step']} rollouts, levels {list(LEVELS)} (digits per operand).",
-        "",
-        "| configuration | rollouts to vanilla's final acc. (median [min, max]) | final acc. | acc. by level | AUC | zero-signal groups |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, s in summary.items():
-        by_level = ", ".join(f"{k}: {v:.2f}" for k, v in s["final_accuracy_by_level"].items())
-        lines.append(
-            f"| {name} | {s['rollouts_to_vanilla_final_median']:.0f} [{s['rollouts_to_vanilla_final_min']:.0f}, "
-            f"{s['rollouts_to_vanilla_final_max']:.0f}] | {s['final_accuracy']:.3f} | {by_level} | {s['auc']:.3f} | "
-            f"{s['zero_signal_group_fraction']:.2f} |"
-        )
-    lines.append("")
-    lines.append("`inf`: the configuration never reached vanilla's final accuracy within the budget.")
-    return "\n".join(lines) + "\n"
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="Learning efficiency of grpo-plugins methods on CPU (resumable).")
+    parser.add_argument("--quick", action="store_true", help="vanilla, the oracle, knapsack_rl and ngrpo; 2 seeds, 40 steps")
+    parser.add_argument("--only", nargs="+", metavar="METHOD",
+                        help="only these methods' rows (defaults and paper settings; 'oracle' if named; a stack as "
+                        "'a+b'); vanilla always runs, from the store when it is there")
+    parser.add_argument("--configs", nargs="+", metavar="CONFIGURATION",
+                        help="only these configurations, by exact name ('ngrpo', 'ngrpo[paper]', 'oracle', 'a+b')")
+    parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
+    parser.add_argument("--seeds", type=int, help="seeds per configuration (overrides the mode's numbers)")
+    parser.add_argument("--steps", type=int, help="optimiser steps per run (overrides the mode's)")
+    parser.add_argument("--eval-every", type=int, help="evaluation interval in steps (overrides the mode's)")
+    parser.add_argument("--stacks", type=int, help="number of composed stacks to choose and run")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel processes (one thread each)")
+    parser.add_argument("--rerun", nargs="*", default=[], metavar="NAME", help="ignore stored runs of these configurations")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rebuild learning.{json,md,png} from the stored runs of this mode")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
 
+    partial = [f"--{name.replace('_', '-')}" for name in ("only", "configs", "seeds", "steps", "eval_every", "stacks")
+               if getattr(args, name) is not None] + (["--regimes"] if tuple(args.regimes) != REGIMES else [])
+    mode = QUICK if args.quick else FULL
+    run = mode.run
+    if args.steps:
+        run = dataclasses.replace(run, steps=args.steps, eval_every=min(args.eval_every or run.eval_every, args.steps))
+    elif args.eval_every:
+        run = dataclasses.replace(run, eval_every=args.eval_every)
+    mode = dataclasses.replace(mode, run=run)
+    if args.seeds:
+        mode = dataclasses.replace(mode, seeds=args.seeds, seeds_confirmed=max(args.seeds, min(mode.seeds_confirmed, args.seeds)))
+    if args.stacks is not None:
+        mode = dataclasses.replace(mode, stacks=args.stacks)
+    exact = args.configs
+    if exact is None and args.only is None and mode.configurations is not None:
+        exact = list(mode.configurations)
+    if exact is not None:
+        args.only = sorted({name.split("[")[0] for name in exact})
+    only = args.only if args.only is not None else mode.configurations
+    if args.only is not None:
+        mode = dataclasses.replace(mode, stacks=0 if args.stacks is None else args.stacks)
+    task = task_settings(mode)
+    regimes = tuple(args.regimes)
+    started = time.perf_counter()
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Learning efficiency of grpo-plugins methods on CPU.")
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 4 configurations, fewer steps")
-    parser.add_argument("--seeds", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--configs", nargs="+", help=f"subset of {list(FULL_CONFIGS)}")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    args = parser.parse_args()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(2)
-    names = args.configs or (QUICK_CONFIGS if args.quick else list(FULL_CONFIGS))
-    if "vanilla" not in names:
-        names = ["vanilla", *names]
-    settings = dict(
-        mode="quick" if args.quick else "full",
-        seeds=args.seeds or (2 if args.quick else 5),
-        steps=args.steps or (24 if args.quick else 60),
-        warm_steps=300,
-        eval_every=4 if args.quick else 6,
-        rollouts_per_step=32,
-    )
-    runs = run({n: FULL_CONFIGS[n] for n in names}, settings["seeds"], settings["steps"], settings["warm_steps"],
-               settings["eval_every"], settings["rollouts_per_step"])
-    summary = summarise(runs, settings["rollouts_per_step"])
+    warm = warm_start_info(task)
+    checkpoint = warm["checkpoint_sha256"]
+    stack_names = [c for c in (only or []) if "+" in c]
+    configs = discover_configurations(None if only is None else [n for n in only if "+" not in n])
+    configs += [stack_configuration(name.split("+")) for name in stack_names]
+    if exact is not None:
+        configs = [c for c in configs if c.name in exact or c.name == BASELINE]
+    confirmed = {BASELINE, ORACLE}
+
+    def seeds_of(config: Configuration) -> int:
+        return mode.seeds_confirmed if config.name in confirmed or config.kind == "stack" else mode.seeds
+
+    train = not args.report_only
+    results = execute(plan(configs, regimes, seeds_of), mode, task, checkpoint, args.out, args.jobs, set(args.rerun),
+                      train)
+    regimes_report = {regime: summarise_regime(configs, results, regime, mode) for regime in regimes}
+
+    if mode.stacks and "revisited" in regimes_report:  # stacks chosen from the single-method results
+        chosen = choose_stacks(regimes_report["revisited"]["records"], configs, mode.stacks)
+        stacks = [stack_configuration(names) for names in chosen if "+".join(names) not in {c.name for c in configs}]
+        configs += stacks
+        results.update(execute(plan(stacks, regimes, seeds_of), mode, task, checkpoint, args.out, args.jobs,
+                               set(args.rerun), train))
+        regimes_report = {regime: summarise_regime(configs, results, regime, mode) for regime in regimes}
+    if mode.seeds_confirmed > mode.seeds:  # more seeds for every configuration called better than vanilla
+        confirmed |= {name for part in regimes_report.values() for name, r in part["records"].items()
+                      if r.get("verdict") == "better"}
+        results.update(execute(plan(configs, regimes, seeds_of), mode, task, checkpoint, args.out, args.jobs,
+                               set(), train))
+        regimes_report = {regime: summarise_regime(configs, results, regime, mode) for regime in regimes}
+    if args.only is not None or args.report_only:  # the table keeps every configuration stored before
+        known = {c.name for c in configs}
+        stored = discover_configurations() + [stack_configuration(n.split("+")) for n in stored_stacks(args.out, mode.name)]
+        extra = [c for c in stored if c.name not in known]
+        results.update(execute(plan(extra, regimes, lambda c: max(mode.seeds_confirmed, 5)), mode, task, checkpoint,
+                               args.out, args.jobs, set(), train=False))
+        configs += extra
+        regimes_report = {regime: summarise_regime(configs, results, regime, mode) for regime in regimes}
+
+    report = {
+        "benchmark": "learning",
+        "settings": {"mode": mode.name, "partial": partial, "run": asdict(mode.run), "task": asdict(task), "seeds": mode.seeds,
+                     "seeds_confirmed": mode.seeds_confirmed, "window": mode.window, "target_fraction": mode.target_fraction,
+                     "pools": {"revisited": task.revisited_pool, "fresh": task.fresh_pool}},
+        "warm_start": warm,
+        "regimes": regimes_report,
+        "records": [r for part in regimes_report.values() for r in part["records"].values()],
+        "seconds_wall": time.perf_counter() - started,
+    }
+    headline_regime = regimes[0]
+    report["noise"] = regimes_report[headline_regime]["noise"]
+    report["sensitivity"] = regimes_report[headline_regime].get("sensitivity", {})
+    report["summary"] = {  # the headline regime's records by configuration
+        name: r for name, r in regimes_report[headline_regime]["records"].items() if "skipped" not in r
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "learning.json"), "w") as handle:
-        json.dump(json_safe({"settings": settings, "summary": summary, "runs": runs}), handle, indent=1, default=str)
+        json.dump(stats.json_safe(report), handle, indent=1)
     with open(os.path.join(args.out, "learning.md"), "w") as handle:
-        handle.write(markdown(summary, settings))
-    plot(runs, settings["rollouts_per_step"], os.path.join(args.out, "learning.png"))
-    print(markdown(summary, settings))
+        handle.write(markdown(report))
+    plot(report, results, regimes, os.path.join(args.out, "learning.png"))
+    print(markdown(report))
     headline = {
-        name: {k: summary[name][k] for k in ("rollouts_to_vanilla_final_median", "final_accuracy", "zero_signal_group_fraction")}
-        for name in summary
+        name: {"rollouts_to_target_median": r["rollouts_to_target"]["median"], "final_accuracy": r["final_accuracy"]["mean"],
+               "zero_signal_group_fraction": r["zero_signal_group_fraction"], "verdict": r["verdict"]}
+        for name, r in report["summary"].items()
     }
-    print(json.dumps(json_safe({"benchmark": "learning", "mode": settings["mode"], "headline": headline})))
+    print(json.dumps(stats.json_safe({
+        "benchmark": "learning", "mode": mode.name, "regime": headline_regime, "headline": headline,
+        "noise": {"sd_at_target": report["noise"]["sd_at_target"]},
+        "sensitivity": {"oracle_rollouts_ratio": report["sensitivity"].get("oracle_rollouts_ratio")},
+    })))
+    return report
 
 
 if __name__ == "__main__":

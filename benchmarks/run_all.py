@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ("helpers.py", "kernels.py", "overhead.py", "learning.py")
+BENCHMARKS = ("helpers.py", os.path.join("methods", "run.py"), "kernels.py", "overhead.py", "learning.py")
 
 
 def main() -> int:

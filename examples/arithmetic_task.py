@@ -122,6 +122,56 @@ class EvalCallback(TrainerCallback):
             self.curve.append((state.global_step, overall(accuracy_by_level(model, self.tokenizer, self.problems))))
 
 
+# The metric that best says what a method did (a method not listed shows its first metric).
+HEADLINE_METRICS = {
+    "knapsack_rl": "max_rollouts", "ngrpo": "frac_uniform_groups_with_signal", "unlikeliness": "frac_flat_groups_after",
+    "spo": "mean_baseline", "vade": "mean_rho", "llds": "frac_gated_actions", "gtpo": "frac_conflict_tokens",
+}
+
+
+class ProgressBar(TrainerCallback):
+    """One progress bar per run, with the numbers that matter: the training reward (mean of the last 10
+    steps), the latest held-out greedy accuracy, and for each method its headline metric."""
+
+    def __init__(self, label: str, evaluator: EvalCallback):
+        self.label, self.evaluator = label, evaluator
+        self.rewards: list[float] = []
+        self.methods: dict[str, dict[str, float]] = {}
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, desc=self.label, unit="step", dynamic_ncols=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "reward" in logs:
+            self.rewards.append(logs["reward"])
+        for key, value in logs.items():
+            if key.startswith("plugins/") and key.count("/") == 2:
+                _, method, name = key.split("/")
+                self.methods.setdefault(method, {})[name] = value
+        if self.bar is not None:
+            self.bar.n = state.global_step
+            self.bar.set_postfix_str(self.summary(), refresh=True)
+
+    def summary(self) -> str:
+        recent = self.rewards[-10:]
+        parts = [f"reward {sum(recent) / len(recent):.2f}" if recent else "reward -"]
+        if self.evaluator.curve:
+            parts.append(f"acc {self.evaluator.curve[-1][1]:.2f}")
+        for method, values in self.methods.items():
+            name = HEADLINE_METRICS.get(method, "")
+            name = name if name in values else min(values)
+            parts.append(f"{method} {name}={values[name]:.3g}")
+        return " | ".join(parts)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_grpo(
     warm_model,
     tokenizer,
@@ -137,9 +187,11 @@ def run_grpo(
     eval_every: int = 5,
     num_iterations: int = 1,
     progress: bool = False,
+    label: str = "GRPO",
 ) -> dict[str, Any]:
     """Train a copy of ``warm_model`` with GRPO for ``steps`` optimiser steps of ``rollouts_per_step``
     completions each (each generation batch reused for ``num_iterations`` steps): ``trl.GRPOTrainer`` when ``plugins`` is None, else ``PluginGRPOTrainer``.
+    ``progress`` shows one :class:`ProgressBar` named ``label`` instead of the trainer's per-step log lines.
 
     Returns the trainer, the reward per step, the accuracy curve ``[(step, accuracy)]`` and the final
     accuracy per level.
@@ -154,7 +206,7 @@ def run_grpo(
         max_steps=steps, per_device_train_batch_size=rollouts_per_step // 2, gradient_accumulation_steps=2,
         num_generations=num_generations, num_iterations=num_iterations, max_completion_length=5, learning_rate=lr,
         beta=0.0, temperature=1.0,
-        logging_steps=1, report_to="none", save_strategy="no", seed=seed, disable_tqdm=not progress,
+        logging_steps=1, report_to="none", save_strategy="no", seed=seed, disable_tqdm=True,
     )
     kwargs: dict[str, Any] = dict(
         model=copy.deepcopy(warm_model), reward_funcs=exact_answer_reward, args=config, train_dataset=dataset,
@@ -164,8 +216,9 @@ def run_grpo(
     if plugins is not None:
         trainer_cls, kwargs["plugins"] = PluginGRPOTrainer, plugins
     trainer = trainer_cls(**kwargs)
-    if not progress:
-        trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(PrinterCallback)  # no raw metric dictionary per step
+    if progress:
+        trainer.add_callback(ProgressBar(label, evaluator))
     trainer.train()
     logs = [row for row in trainer.state.log_history if "reward" in row]
     return {

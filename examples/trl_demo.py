@@ -33,12 +33,11 @@ DEFAULT_PLUGINS = ["knapsack_rl", "ngrpo", "unlikeliness"]  # the learning bench
 
 
 def train(label: str, plugins, model, tokenizer, dataset, eval_problems, args) -> dict:
-    print(f"\n=== {label} ===")
     start = time.perf_counter()
     run = run_grpo(
         model, tokenizer, dataset, eval_problems, plugins=plugins, steps=args.steps,
         rollouts_per_step=args.rollouts_per_step, num_generations=args.num_generations, lr=args.lr,
-        seed=args.seed, eval_every=args.eval_every, num_iterations=args.num_iterations, progress=True,
+        seed=args.seed, eval_every=args.eval_every, num_iterations=args.num_iterations, progress=True, label=label,
     )
     run.update(label=label, seconds=round(time.perf_counter() - start, 1))
     return run
@@ -53,6 +52,22 @@ def report_plugins(trainer) -> None:
         last.update({k: v for k, v in row.items() if k.startswith("plugins/")})
     for key, value in sorted(last.items()):
         print(f"  {key} = {value:.4g}")
+
+
+def comparison_table(results) -> str:
+    """A Markdown table: mean training reward over the last 10 steps, greedy accuracy before and after
+    (overall and per level), wall time."""
+    levels = list(results[0]["final_accuracy_by_level"])
+    header = ["run", "reward (last 10 steps)", "accuracy start -> end"] + [f"{lv}-digit acc" for lv in levels] + ["time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        recent = r["reward"][-10:]
+        reward = f"{sum(recent) / len(recent):.3f}" if recent else "-"
+        curve = r["accuracy"]
+        accuracy = f"{curve[0][1]:.2f} -> {curve[-1][1]:.2f}" if curve else "-"
+        per_level = [f"{r['final_accuracy_by_level'][lv]:.2f}" for lv in levels]
+        lines.append("| " + " | ".join([r["label"], reward, accuracy, *per_level, f"{r['seconds']} s"]) + " |")
+    return "\n".join(lines)
 
 
 def plot(results, path) -> None:
@@ -102,23 +117,23 @@ def main() -> None:
     model, tokenizer = build_model(args.seed)
     print(f"Warm start: {args.warm_start_steps} supervised steps on {len(warm_problems)} other problems ...")
     warm_start(model, tokenizer, warm_problems, args.warm_start_steps, seed=args.seed)
-    print(f"accuracy after warm start: {accuracy_by_level(model, tokenizer, eval_problems)}")
+    by_level = accuracy_by_level(model, tokenizer, eval_problems)
+    print("greedy accuracy after warm start: " + ", ".join(f"{lv}-digit {acc:.2f}" for lv, acc in by_level.items()))
     dataset = to_dataset(train_problems)
 
+    print(f"\nTraining {args.steps} steps of {args.rollouts_per_step} completions, twice from the same warm start:")
     vanilla = train("vanilla GRPO (trl.GRPOTrainer)", None, model, tokenizer, dataset, eval_problems, args)
     composed = train("+".join(args.plugins), list(args.plugins), model, tokenizer, dataset, eval_problems, args)
     report_plugins(composed.pop("trainer"))
     vanilla.pop("trainer")
 
     results = [vanilla, composed]
-    plot(results, os.path.join(args.out, "demo.png"))
-    with open(os.path.join(args.out, "demo.json"), "w") as handle:
+    plot_path, json_path = os.path.join(args.out, "demo.png"), os.path.join(args.out, "demo.json")
+    plot(results, plot_path)
+    with open(json_path, "w") as handle:
         json.dump(results, handle, indent=1)
-    print("\nFinal greedy accuracy by level (digits per operand):")
-    for result in results:
-        by_level = ", ".join(f"{level} digit(s): {acc:.2f}" for level, acc in result["final_accuracy_by_level"].items())
-        print(f"  {result['label']:<40} {by_level}  ({result['seconds']} s)")
-    print(f"\nWrote {args.out}/demo.png and {args.out}/demo.json")
+    print("\n" + comparison_table(results))
+    print(f"\nPlot: {plot_path}  (numbers: {json_path})")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ __version__ = "0.1.0"
 
 hookimpl = pluggy.HookimplMarker("grpo_plugins")
 
-from grpo_plugins.batch import GRPOBatch, LossInputs, PromptRound  # noqa: E402
+from grpo_plugins.batch import GradientStatistics, GRPOBatch, LossInputs, LossTerm, LossTotals, PromptRound, RunContext  # noqa: E402
 from grpo_plugins.composition import Composition, LossParts, methods_from_config  # noqa: E402
 from grpo_plugins.config import FINITE, NON_NEGATIVE, POSITIVE, UNIT, NoConfig, Range, option  # noqa: E402
+from grpo_plugins.example import Example  # noqa: E402
 from grpo_plugins.errors import BatchError, CompositionError, ConfigError, GRPOPluginsError, PluginError  # noqa: E402
 from grpo_plugins.method import Method  # noqa: E402
+from grpo_plugins.needs import Needs, TrainerCapabilities, capability_problems, check_capabilities  # noqa: E402
 from grpo_plugins.parallel import ParallelContext  # noqa: E402
 from grpo_plugins.prompt_table import PromptTable  # noqa: E402
 
@@ -28,17 +30,26 @@ __all__ = [
     "Composition",
     "CompositionError",
     "ConfigError",
+    "Example",
     "GRPOBatch",
+    "GradientStatistics",
     "GRPOPluginsError",
     "LossInputs",
     "LossParts",
+    "LossTerm",
+    "LossTotals",
     "Method",
+    "Needs",
     "NoConfig",
     "ParallelContext",
     "PluginError",
     "PromptRound",
     "PromptTable",
     "Range",
+    "RunContext",
+    "TrainerCapabilities",
+    "capability_problems",
+    "check_capabilities",
     "hookimpl",
     "methods_from_config",
     "option",

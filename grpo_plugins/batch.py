@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal, Mapping
 
 import torch
 
@@ -36,6 +36,24 @@ class PromptRound:
     step: int
     default_rollouts: int
     total_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class GradientStatistics:
+    """The gradients of one optimiser step, seen as ``M`` unit gradients (``GRPOBatch.gradient_statistics``).
+
+    A step accumulates ``K`` micro-batches on each of ``R`` ranks; unit ``j = (k, r)`` is micro-batch
+    ``k``'s gradient on rank ``r`` scaled so that the step's gradient is their mean,
+    ``g = (1/M) sum_j u_j`` with ``M = K R`` (before clipping). The noise of the step's gradient is then
+    ``sum_j |u_j - g|^2 / (M - 1) = (sum_j |u_j|^2 - M |g|^2) / (M - 1)``.
+
+    Attributes:
+        unit_sq_norms: ``(M,)`` squared L2 norms ``|u_j|^2`` over every trained parameter.
+        mean_sq_norm: ``()`` squared L2 norm ``|g|^2`` of the step's gradient.
+    """
+
+    unit_sq_norms: torch.Tensor
+    mean_sq_norm: torch.Tensor
 
 
 @dataclass
@@ -69,6 +87,16 @@ class GRPOBatch:
         token_weights: ``(N, T)`` product of the ``mask_tokens`` outputs (None when no method masks).
         row_data: per-completion tensors (first dimension ``N``) that methods attach during the
             advantage stage; adapters carry them with the rows to the loss stage (``LossInputs.row_data``).
+        turn_index: ``(N, T)`` int64 turn of each completion token in a multi-turn trajectory (0, 1,
+            ...), -1 on tokens the policy did not generate (tool or environment output). Designed, not
+            yet filled by the adapters (batch field ``turn_index``, see ``docs/design.md``).
+        old_entropies: ``(N, T)`` token entropies of the behaviour policy. Designed, not yet filled.
+        old_log_probs_at: ``{temperature: (N, T)}`` behaviour-policy log-probs of the sampled tokens at
+            other temperatures (a method lists its temperatures in ``Needs.temperatures``). Designed,
+            not yet filled.
+        gradient_statistics: the gradient statistics of the optimiser step being taken
+            (:class:`GradientStatistics`), set by the adapter before ``scale_update`` runs (and kept for
+            ``observe``); None otherwise. Batch field ``gradient_statistics``.
     """
 
     prompt_ids: torch.Tensor
@@ -89,6 +117,10 @@ class GRPOBatch:
     advantages: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
     row_data: dict[str, torch.Tensor] = field(default_factory=dict)
+    turn_index: torch.Tensor | None = None
+    old_entropies: torch.Tensor | None = None
+    old_log_probs_at: dict[float, torch.Tensor] = field(default_factory=dict)
+    gradient_statistics: "GradientStatistics | None" = None
 
     @property
     def num_completions(self) -> int:
@@ -150,15 +182,17 @@ class LossInputs:
         old_log_probs: ``(B, T)`` behaviour-policy log-probs (equal to ``log_probs.detach()`` when
             the trainer is fully on-policy).
         advantages: ``(B, T)`` advantages broadcast to tokens.
-        mask: ``(B, T)`` 0/1 loss mask: the completion mask times the keep-masks (weight > 0) of the
-            ``mask_tokens`` methods. Non-binary token weights scale the per-token policy loss after
-            the loss hooks (adapters fold them into the advantages when the trainer's own loss runs).
+        mask: ``(B, T)`` 0/1 loss mask of the trainer (its completion mask): the normaliser. The
+            ``mask_tokens`` weights are not in it; adapters multiply the per-token policy loss by them
+            after the loss hooks (or fold them into the advantages when the trainer's own loss runs).
         ref_log_probs: ``(B, T)`` reference log-probs when the trainer has them.
         entropies: ``(B, T)`` token entropies when the trainer computes them.
         row_data: per-row tensors attached during the advantage stage (first dimension ``B``).
         clip_low: the trainer's lower clip range (ratio clipped below at ``1 - clip_low``).
         clip_high: the trainer's upper clip range (ratio clipped above at ``1 + clip_high``).
         step: optimiser steps taken so far.
+        group_index: ``(B,)`` int64 group of each row in the generation batch, for objectives over
+            whole groups (feature ``whole_groups``). Designed, not yet filled by the adapters.
     """
 
     log_probs: torch.Tensor
@@ -171,6 +205,7 @@ class LossInputs:
     clip_low: float = 0.2
     clip_high: float = 0.2
     step: int = 0
+    group_index: torch.Tensor | None = None
 
     @property
     def log_ratio(self) -> torch.Tensor:
@@ -181,3 +216,103 @@ class LossInputs:
     def ratio(self) -> torch.Tensor:
         """``(B, T)`` importance ratio ``exp(log_probs - old_log_probs)``."""
         return torch.exp(self.log_ratio)
+
+
+NORMALISERS: tuple[str, ...] = ("token", "sequence", "group", "sum")
+
+
+@dataclass(frozen=True)
+class LossTotals:
+    """The normalisers of one optimiser step, counted over the whole global batch the step consumes
+    (every micro-batch, every rank), so that the micro-batch sums of :meth:`LossTerm.reduce` add up to
+    the step's mean.
+
+    Attributes:
+        tokens: real completion tokens (the completion mask's sum).
+        sequences: completions.
+        groups: groups (distinct prompt ids).
+    """
+
+    tokens: float
+    sequences: float
+    groups: float
+
+
+@dataclass
+class LossTerm:
+    """A loss term that declares how it is normalised (hook ``loss_objectives``).
+
+    Attributes:
+        values: ``(B, T)`` per-token values or ``(B,)`` per-sequence values (to be minimised).
+        normaliser: ``token``: sum over real tokens / all tokens of the step; ``sequence``: each row's
+            token mean (or its ``(B,)`` value), summed / all sequences; ``group``: each row's sequence
+            value divided by its group's size, summed / all groups (the mean over groups of the group
+            means); ``sum``: the plain sum over real tokens (or rows).
+    """
+
+    values: torch.Tensor
+    normaliser: Literal["token", "sequence", "group", "sum"] = "token"
+
+    def __post_init__(self):
+        if self.normaliser not in NORMALISERS:
+            raise ValueError(f"LossTerm normaliser must be one of {NORMALISERS}, got {self.normaliser!r}")
+
+    def reduce(self, mask: torch.Tensor, totals: LossTotals, group_size: torch.Tensor | None = None) -> torch.Tensor:
+        """This micro-batch's share of the step's term, a scalar.
+
+        Args:
+            mask: ``(B, T)`` completion mask of the micro-batch (padding is ignored, NaN included).
+            totals: the step's token, sequence and group counts.
+            group_size: ``(B,)`` size of each row's group in the global batch (``group`` only).
+
+        Formula (``v`` the values, ``m`` the mask, ``n_g(i)`` the size of row ``i``'s group)::
+
+            token:    sum_{i,t} m v / tokens
+            sequence: sum_i s_i / sequences,            s_i = sum_t m v / max(1, sum_t m)  (or v_i)
+            group:    sum_i s_i / n_g(i) / groups
+            sum:      sum_{i,t} m v  (or sum_i v_i)
+        """
+        keep = mask > 0
+        values = self.values
+        if values.dim() == 2:
+            masked = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+            if self.normaliser == "token":
+                return masked.sum() / totals.tokens
+            if self.normaliser == "sum":
+                return masked.sum()
+            per_sequence = masked.sum(-1) / keep.sum(-1).clamp(min=1).to(values.dtype)
+        elif self.normaliser == "token":
+            raise ValueError("a 'token' LossTerm needs (B, T) per-token values")
+        else:
+            per_sequence = values
+        if self.normaliser == "sum":
+            return per_sequence.sum()
+        if self.normaliser == "sequence":
+            return per_sequence.sum() / totals.sequences
+        if group_size is None:
+            raise ValueError("a 'group' LossTerm needs each row's group size")
+        return (per_sequence / group_size.to(per_sequence.dtype)).sum() / totals.groups
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """The run as the ``setup`` hook sees it, once before the first step.
+
+    Attributes:
+        trainer: the adapter's name (e.g. ``"TRL GRPOTrainer"``).
+        seed: the run's seed; :meth:`grpo_plugins.Method.step_generator` derives each step's
+            generator from it. None when the adapter does not know it.
+        tokenizer: the trainer's tokenizer (or processor), None when there is none.
+        settings: trainer-neutral settings of the run (see :data:`grpo_plugins.needs.SETTINGS`).
+        dataset_size: prompts in the training dataset, None for a stream.
+        total_steps: optimiser steps of the whole run, None when unknown.
+        parallel: data-parallel context of this process.
+    """
+
+    trainer: str
+    seed: int | None = None
+    tokenizer: Any = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    dataset_size: int | None = None
+    total_steps: int | None = None
+    parallel: ParallelContext = field(default_factory=ParallelContext)

@@ -5,15 +5,11 @@ generation batch, ``G`` groups (one per distinct prompt id), ``T`` completion to
 ``K`` reward components, ``B`` rows of one loss micro-batch.
 
 Hooks are always called with keyword arguments; an implementation may accept any subset of them.
-Each hook declares how several enabled methods combine (``COMBINE``):
-
-- ``single``:   at most one enabled method may implement it (two is a start-up error). For
-                ``compute_advantages`` the built-in ``grpo`` method provides the default.
-- ``chain``:    every implementation runs in the run's configured order; each receives the previous
-                output (``augment_prompts``, ``shape_rewards``, ``adjust_advantages``).
-- ``multiply``: outputs are multiplied together (``mask_tokens``, ``gate_loss``).
-- ``add``:      outputs are added (``loss_terms``).
-- ``all``:      every implementation runs for its side effects (``observe``).
+The order in which several methods run is the run's configured order: pluggy's ``tryfirst``,
+``trylast``, ``wrapper`` and ``hookwrapper`` options are refused at start-up. What the core does
+with each hook's output — its stage, how several methods combine, the output contract it checks —
+is declared in one table, :mod:`grpo_plugins.hooktable`; this module holds the signatures and the
+meaning of the arguments.
 """
 
 from __future__ import annotations
@@ -22,26 +18,40 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import pluggy
 
+from grpo_plugins.hooktable import HOOKS, TABLE
+
 if TYPE_CHECKING:
     import torch
 
-    from grpo_plugins.batch import GRPOBatch, LossInputs, PromptRound
+    from grpo_plugins.batch import GRPOBatch, LossInputs, LossTerm, PromptRound, RunContext
 
 PROJECT = "grpo_plugins"
 hookspec = pluggy.HookspecMarker(PROJECT)
 
-COMBINE: dict[str, str] = {}
+
+def _spec(function):
+    if function.__name__ not in HOOKS:
+        raise RuntimeError(f"hook '{function.__name__}' has no row in grpo_plugins.hooktable.TABLE")
+    return hookspec(function)
 
 
-def _spec(combine: str):
-    def mark(function):
-        COMBINE[function.__name__] = combine
-        return hookspec(function)
+@_spec
+def setup(context: RunContext) -> None:
+    """Prepare the method for the run: read the tokenizer, the trainer's settings and the seed.
 
-    return mark
+    Called once per process before the first step, identically on every rank.
+
+    Args:
+        context: the run: ``context.trainer`` (the adapter's name), ``context.tokenizer`` (or None),
+            ``context.settings`` (trainer-neutral settings, see :data:`grpo_plugins.needs.SETTINGS`),
+            ``context.seed``, ``context.dataset_size``, ``context.total_steps``.
+
+    Returns:
+        Nothing; the method keeps what it needs (it is also given ``self.context``).
+    """
 
 
-@_spec("single")
+@_spec
 def sample_prompts(round: PromptRound, generator: torch.Generator) -> torch.Tensor:
     """Choose which prompts (dataset indices) form the next generation round.
 
@@ -60,12 +70,10 @@ def sample_prompts(round: PromptRound, generator: torch.Generator) -> torch.Tens
         ``1 <= P' <= round.budget``: usually ``round.num_prompts``, but a method may choose more
         prompts with fewer completions each (e.g. ``round.budget`` prompts of one completion). Without an
         ``allocate_rollouts`` provider the budget is split evenly, so ``P'`` must then divide it.
-
-    Combine: single provider. Without one, the trainer's own sampler is used.
     """
 
 
-@_spec("single")
+@_spec
 def allocate_rollouts(round: PromptRound, prompt_ids: torch.Tensor) -> torch.Tensor:
     """Decide how many completions each prompt of the round gets.
 
@@ -78,13 +86,10 @@ def allocate_rollouts(round: PromptRound, prompt_ids: torch.Tensor) -> torch.Ten
     Returns:
         ``(P,)`` int64 counts, each ``>= 0``, summing exactly to ``round.budget``. A prompt given 0
         completions is dropped from the round.
-
-    Combine: single provider. Without one, every prompt gets ``budget // P`` completions (an error
-    when ``P`` does not divide the budget).
     """
 
 
-@_spec("chain")
+@_spec
 def augment_prompts(
     round: PromptRound, prompt_ids: torch.Tensor, prompts: list[Any], rows: list[dict]
 ) -> list[Any]:
@@ -99,12 +104,44 @@ def augment_prompts(
 
     Returns:
         A list of ``P`` prompts in the same format.
-
-    Combine: chain, in the run's order.
     """
 
 
-@_spec("chain")
+@_spec
+def keep_rows(batch: GRPOBatch) -> torch.Tensor:
+    """Choose the completions that train (e.g. drop groups whose rewards are all equal).
+
+    Runs after scoring, before the advantage stage, on the global batch. The adapter drops the rows
+    not kept and refills the batch with new prompts until it holds the trainer's batch size (DAPO's
+    dynamic sampling), so a dropped group never shrinks the update.
+
+    Args:
+        batch: the global generation batch with ``rewards`` (unshaped) and ``reward_components``.
+
+    Returns:
+        ``(N,)`` bool: True for the rows to keep.
+    """
+
+
+@_spec
+def inject_rows(batch: GRPOBatch) -> list[dict]:
+    """Add rows the policy did not generate (e.g. a demonstration in a group that failed).
+
+    Runs after scoring, before the advantage stage. The adapter tokenises each row, scores it with the
+    trainer's reward functions unless it carries a ``reward``, computes its log-probs and appends it to
+    its prompt's group; the row is flagged in ``batch.row_data["injected"]`` so the loss can treat it as
+    off-policy.
+
+    Args:
+        batch: the global generation batch with ``rewards``.
+
+    Returns:
+        A list of dicts, each with ``prompt_id`` (int), ``completion`` (text or token ids) and optionally
+        ``reward`` (float).
+    """
+
+
+@_spec
 def shape_rewards(batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
     """Transform per-completion rewards before advantages are computed.
 
@@ -116,12 +153,10 @@ def shape_rewards(batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(N,)`` finite float rewards.
-
-    Combine: chain, in the run's order.
     """
 
 
-@_spec("single")
+@_spec
 def compute_advantages(batch: GRPOBatch) -> torch.Tensor:
     """Compute advantages from the (shaped) rewards.
 
@@ -132,12 +167,10 @@ def compute_advantages(batch: GRPOBatch) -> torch.Tensor:
 
     Returns:
         ``(N,)`` per-sequence or ``(N, T)`` per-token finite float advantages.
-
-    Combine: single provider; the built-in ``grpo`` method (group normalisation) is the default.
     """
 
 
-@_spec("chain")
+@_spec
 def adjust_advantages(batch: GRPOBatch, advantages: torch.Tensor) -> torch.Tensor:
     """Adjust the estimator's advantages: blend, filter, re-weight or clip.
 
@@ -147,12 +180,10 @@ def adjust_advantages(batch: GRPOBatch, advantages: torch.Tensor) -> torch.Tenso
 
     Returns:
         ``(N,)`` or ``(N, T)`` finite float advantages.
-
-    Combine: chain, in the run's order, after ``compute_advantages``.
     """
 
 
-@_spec("multiply")
+@_spec
 def mask_tokens(batch: GRPOBatch) -> torch.Tensor:
     """Per-token loss weights; 0 drops a token from the loss only (never from attention).
 
@@ -160,14 +191,13 @@ def mask_tokens(batch: GRPOBatch) -> torch.Tensor:
         batch: the global generation batch, with ``batch.advantages`` already computed.
 
     Returns:
-        ``(N, T)`` finite float weights ``>= 0``. Tokens with weight 0 leave the loss and its token
-        count; positive weights scale the token's policy-loss term.
-
-    Combine: multiplied together, and with the completion mask.
+        ``(N, T)`` finite float weights ``>= 0``. Each weight multiplies its token's policy-loss term
+        (0 removes the term); the loss's normaliser (the token counts of the trainer's loss aggregation)
+        always comes from the completion mask, never from the weights.
     """
 
 
-@_spec("single")
+@_spec
 def policy_surrogate(inputs: LossInputs) -> torch.Tensor:
     """Replace the trainer's per-token policy objective (e.g. a soft gate instead of clipping).
 
@@ -178,12 +208,10 @@ def policy_surrogate(inputs: LossInputs) -> torch.Tensor:
     Returns:
         ``(B, T)`` per-token loss (to be minimised); the adapter aggregates it with the trainer's
         loss aggregation (token mean, sequence mean, ...).
-
-    Combine: single provider. Without one, the trainer's own clipped surrogate is used.
     """
 
 
-@_spec("multiply")
+@_spec
 def gate_loss(inputs: LossInputs) -> torch.Tensor:
     """Gate the policy loss per token or per sequence.
 
@@ -193,12 +221,10 @@ def gate_loss(inputs: LossInputs) -> torch.Tensor:
     Returns:
         ``(B, T)`` per-token or ``(B, 1)`` per-sequence finite gates ``>= 0`` that multiply the
         per-token policy loss (use ``.detach()`` unless the gate is meant to carry gradient).
-
-    Combine: multiplied together.
     """
 
 
-@_spec("add")
+@_spec
 def loss_terms(inputs: LossInputs) -> dict[str, torch.Tensor]:
     """Add terms to the loss (regularisers).
 
@@ -209,12 +235,42 @@ def loss_terms(inputs: LossInputs) -> dict[str, torch.Tensor]:
         ``{term_name: (B, T) per-token loss}``; each term is aggregated exactly like the policy loss
         (same normaliser, same gradient-accumulation and data-parallel scaling) and added to it. A
         term's aggregated value is logged as ``plugins/<method>/<term_name>``.
-
-    Combine: added together.
     """
 
 
-@_spec("all")
+@_spec
+def loss_objectives(inputs: LossInputs) -> dict[str, LossTerm]:
+    """Add loss terms that declare their own normaliser, or objectives over whole groups.
+
+    Args:
+        inputs: one loss micro-batch (see ``policy_surrogate``); with the ``whole_groups`` feature every
+            group's rows sit in one micro-batch and ``inputs.group_index`` numbers them.
+
+    Returns:
+        ``{term_name: LossTerm}``: per-token ``(B, T)`` or per-sequence ``(B,)`` values and the normaliser
+        (``token``, ``sequence``, ``group`` or ``sum``) the adapter reduces them with over the global
+        batch (:meth:`grpo_plugins.LossTerm.reduce`).
+    """
+
+
+@_spec
+def scale_update(batch: GRPOBatch, step: int) -> torch.Tensor:
+    """Scale the update of the optimiser step that consumes the generation batch (an adaptive step size).
+
+    Called after the last backward pass of the step and before the optimiser step, identically on every
+    rank; the adapter multiplies the learning rate of that one optimiser step by the output (scaling the
+    gradients instead would be undone by Adam's normalisation and by gradient clipping).
+
+    Args:
+        batch: the global generation batch of the step.
+        step: optimiser steps taken so far.
+
+    Returns:
+        ``()`` finite float ``>= 0`` (1 leaves the update unchanged).
+    """
+
+
+@_spec
 def observe(batch: GRPOBatch, step: int) -> None:
     """See the finished step; update the method's state (trackers, posteriors, schedules).
 
@@ -223,10 +279,11 @@ def observe(batch: GRPOBatch, step: int) -> None:
     Args:
         batch: the global generation batch of the step, with ``rewards`` and ``advantages``.
         step: optimiser steps taken so far.
-
-    Combine: every implementation runs, in the run's order.
     """
 
 
-HOOK_NAMES: tuple[str, ...] = tuple(COMBINE)
+HOOK_NAMES: tuple[str, ...] = tuple(hook.name for hook in TABLE)
+COMBINE: dict[str, str] = {hook.name: hook.combine for hook in TABLE}
 SINGLE_PROVIDER_HOOKS: Sequence[str] = tuple(h for h, c in COMBINE.items() if c == "single")
+PROVIDED_HOOKS: tuple[str, ...] = tuple(hook.name for hook in TABLE if hook.provided)
+"""Hooks the adapters run today; the others are designed (``docs/design.md``) but not yet run."""

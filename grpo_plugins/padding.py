@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-BATCH_TOKEN_FIELDS = ("old_log_probs", "ref_log_probs")
+BATCH_TOKEN_FIELDS = ("old_log_probs", "ref_log_probs", "old_entropies")
 LOSS_TOKEN_FIELDS = ("log_probs", "old_log_probs", "advantages", "ref_log_probs", "entropies")
 
 
@@ -31,6 +31,8 @@ def clean_batch_padding(batch) -> None:
         value = getattr(batch, name)
         if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and value.shape == keep.shape:
             setattr(batch, name, zero_padding(value, keep))
+    if batch.old_log_probs_at:  # {temperature: (N, T)}
+        batch.old_log_probs_at = {t: zero_padding(v, keep) for t, v in batch.old_log_probs_at.items()}
 
 
 def clean_loss_padding(inputs):

@@ -48,6 +48,9 @@ class MethodInfo:
                 f"method '{self.name}' (distribution {self.distribution}): entry point name '{self.name}' "
                 f"differs from the class's name '{cls.name}'"
             )
+        from grpo_plugins.api import check_supported
+
+        check_supported(cls, self.distribution)  # a method built for another plugin-API version is refused here
         return cls
 
 

@@ -8,6 +8,10 @@ Fixtures:
 Helpers:
     :func:`make_batch`, :func:`run_advantage_stage`; for a method's speed notes :func:`best_of`
     and :func:`cpu_single_thread`.
+Option:
+    ``--grpo-plugins-conformance=NAME``: run the conformance suite (:mod:`grpo_plugins.conformance`)
+    against the installed method ``NAME`` instead of the tests named on the command line
+    (``grpo-plugins test NAME`` does the same).
 """
 
 from __future__ import annotations
@@ -105,3 +109,22 @@ def grpo_batch() -> GRPOBatch:
 def enable_methods():
     """``enable_methods(["spo", {"gtpo": {...}}])`` -> a Composition built through real discovery."""
     return lambda methods, **kwargs: Composition(methods, **kwargs)
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("grpo_plugins", "grpo-plugins author kit")
+    group.addoption(
+        "--grpo-plugins-conformance",
+        dest="grpo_plugins_conformance",
+        metavar="NAME",
+        default=None,
+        help="run the grpo-plugins conformance suite against the installed method NAME (and nothing else)",
+    )
+
+
+def pytest_configure(config) -> None:
+    """With ``--grpo-plugins-conformance=NAME``, collect only the conformance suite's test class."""
+    if config.getoption("grpo_plugins_conformance", None):
+        from grpo_plugins import conformance
+
+        config.args[:] = [conformance.__file__]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from grpo_plugins.errors import BatchError
 
-_TOKEN_FIELDS = ("completion_ids", "completion_mask", "old_log_probs", "ref_log_probs")
+_TOKEN_FIELDS = ("completion_ids", "completion_mask", "old_log_probs", "ref_log_probs", "turn_index", "old_entropies")
 
 
 def validate_batch(batch: Any) -> None:
@@ -64,11 +64,14 @@ def check_output(
     low: float | None = None,
     high: float | None = None,
     total: int | None = None,
+    dtype: str | None = None,
 ) -> str | None:
     """What is wrong with a hook's tensor output, or None if it meets its contract.
 
-    ``shape``: the required shape, or a list of accepted shapes. ``integer``: an integer tensor.
-    ``low``/``high``: inclusive bounds. ``total``: the required sum. Floats must be finite.
+    ``shape``: the required shape, or a list of accepted shapes. ``dtype``: ``"float"`` (a
+    floating-point tensor), ``"count"`` (whole numbers: integers, or floats holding whole numbers),
+    ``"bool"`` or None (any). ``integer``: the same as ``dtype="count"``. ``low``/``high``: inclusive
+    bounds. ``total``: the required sum. Floats must be finite.
     """
     if not isinstance(output, torch.Tensor):
         return f"must return a torch.Tensor, got {type(output).__name__}"
@@ -77,11 +80,16 @@ def check_output(
         accepted = [tuple(s) for s in shape] if several else [tuple(shape)]
         if tuple(output.shape) not in accepted:
             return f"returned shape {tuple(output.shape)}, expected {' or '.join(str(s) for s in accepted)}"
+    if dtype == "float" and not output.dtype.is_floating_point:
+        return f"must return a floating-point tensor, got dtype {output.dtype} (values would be truncated)"
+    if dtype == "bool" and output.dtype != torch.bool:
+        return f"must return a bool tensor, got dtype {output.dtype}"
     if output.dtype.is_floating_point and not bool(torch.isfinite(output).all()):
         return f"returned {int((~torch.isfinite(output)).sum())} NaN/inf value(s)"
+    integer = integer or dtype == "count"
     if integer and output.dtype == torch.bool:
         return "must return integers, got a bool tensor"
-    if integer and output.dtype.is_floating_point and not torch.equal(output, output.round()):
+    if integer and (output.dtype.is_complex or (output.dtype.is_floating_point and not torch.equal(output, output.round()))):
         return f"must return integers, got dtype {output.dtype} with fractional values"
     if low is not None and output.numel() and bool((output < low).any()):
         return f"returned values below {low} (min {output.min().item()})"
@@ -90,6 +98,48 @@ def check_output(
     if total is not None and int(output.sum()) != total:
         return f"returned counts summing to {int(output.sum())}, expected the budget {total}"
     return None
+
+
+def check_contract(output: Any, contract: Any, values: Mapping[str, Any]) -> str | None:
+    """What is wrong with a tensor ``output`` under a hook table contract
+    (:class:`grpo_plugins.hooktable.Output`), or None.
+
+    ``values`` resolves the contract's symbols: dimensions (``"N"``, ``"T"``, ``"B"``, ``"P"``; a
+    ranged dimension such as ``"P'"`` maps to ``(low, high, what high is)``) and named bounds
+    (``"dataset_size - 1"``, ``"budget"``). A shape using a symbol the call leaves out (or sets to
+    None) is not accepted.
+    """
+    if not isinstance(output, torch.Tensor):
+        return check_output(output)
+    shapes = []
+    for shape in contract.shapes:
+        ranged = [symbol for symbol in shape if isinstance(values.get(symbol), tuple)]
+        if ranged:
+            symbol = ranged[0]
+            first, last, what = values[symbol]
+            size = tuple(output.shape)
+            if len(size) != len(shape) or not first <= size[shape.index(symbol)] <= last:
+                wanted = "(" + ", ".join(str(s) for s in shape) + (",)" if len(shape) == 1 else ")")
+                return f"returned shape {size}, expected {wanted} with {first} <= {symbol} <= {what} {last}"
+            shapes.append(size)
+        else:
+            resolved = tuple(values.get(s) if isinstance(s, str) else s for s in shape)
+            if None not in resolved:  # a dimension the call does not have (no tokens): shape not accepted
+                shapes.append(resolved)
+    if contract.shapes and not shapes:
+        return f"returned shape {tuple(output.shape)}, but this call has none of the dimensions its contract names"
+    return check_output(
+        output,
+        shape=shapes or None,
+        low=_resolve(contract.low, values),
+        high=_resolve(contract.high, values),
+        total=_resolve(contract.total, values),
+        dtype=None if contract.dtype == "any" else contract.dtype,
+    )
+
+
+def _resolve(bound: Any, values: Mapping[str, Any]) -> Any:
+    return values[bound] if isinstance(bound, str) else bound
 
 
 def check_plain_state(state: Any, path: str = "state") -> str | None:

@@ -6,7 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, LossInputs, Method, PluginError, PromptRound, hookimpl
+from grpo_plugins import (
+    Composition,
+    CompositionError,
+    LossInputs,
+    LossTerm,
+    Method,
+    PluginError,
+    PromptRound,
+    RunContext,
+    hookimpl,
+)
 from grpo_plugins.hookspecs import COMBINE, HOOK_NAMES
 from grpo_plugins.testing import make_batch
 
@@ -34,6 +44,24 @@ def loss_inputs(b=3, t=4, seed=0) -> LossInputs:
 
 def trainer_surrogate(inputs: LossInputs) -> torch.Tensor:
     return -inputs.ratio * inputs.advantages
+
+
+# ---------------------------------------------------------------- start (designed)
+def test_hook_setup():
+    seen = []
+    first = named("first", setup=lambda context: seen.append(("first", context.seed)))
+    second = named("second", setup=lambda: seen.append(("second",)))
+    composition = Composition([second, first])
+    context = RunContext(trainer="test trainer", seed=17, settings={"group_size": 4})
+    composition.run_setup(context)
+    assert seen == [("second",), ("first", 17)]  # every implementation, config order
+    assert composition.method("first").context is context and composition.method("grpo").context is context
+    # the per-step generator: the same for (seed, step, method) in any process, different across steps and methods
+    draw = lambda method, step: torch.rand(3, generator=composition.method(method).step_generator(step))
+    assert torch.equal(draw("first", 5), draw("first", 5))
+    assert not torch.equal(draw("first", 5), draw("first", 6)) and not torch.equal(draw("first", 5), draw("second", 5))
+    with pytest.raises(RuntimeError, match=r"'fresh' asked for a step generator.*no run seed"):
+        named("fresh").step_generator(0)
 
 
 # ---------------------------------------------------------------- round planning
@@ -74,6 +102,31 @@ def test_hook_augment_prompts():
     dropping = Composition([named("drop", augment_prompts=lambda prompts: prompts[:1])])
     with pytest.raises(PluginError, match=r"'drop'.*'augment_prompts'.*list of 2 prompts"):
         dropping.run_augment_prompts(*args)
+
+
+# ---------------------------------------------------------------- batch editing (designed)
+def test_hook_keep_rows():
+    batch = make_batch(group_sizes=(2, 2), rewards=[1.0, 1.0, 0.0, 1.0], shuffle=False)
+    assert Composition([]).run_keep_rows(batch) is None  # nothing edits the batch
+    varied = named("varied", keep_rows=lambda batch: batch.group_sizes[batch.group_index] > 0)
+    not_first = named("not_first", keep_rows=lambda batch: torch.arange(batch.num_completions) > 0)
+    kept = Composition([varied, not_first]).run_keep_rows(batch)
+    assert kept.dtype == torch.bool and kept.tolist() == [False, True, True, True]  # keep-masks multiply (and)
+    as_float = Composition([named("as_float", keep_rows=lambda batch: torch.ones(4))])
+    with pytest.raises(PluginError, match=r"'as_float'.*'keep_rows'.*must return a bool tensor, got dtype torch.float32"):
+        as_float.run_keep_rows(batch)
+
+
+def test_hook_inject_rows():
+    batch = make_batch(group_sizes=(2, 2))
+    demo = named("demo", inject_rows=lambda batch: [{"prompt_id": 10, "completion": "42", "reward": 1.0}])
+    more = named("more", inject_rows=lambda: [{"prompt_id": 11, "completion": [5, 6]}])
+    rows = Composition([demo, more]).run_inject_rows(batch)
+    assert rows == [{"prompt_id": 10, "completion": "42", "reward": 1.0}, {"prompt_id": 11, "completion": [5, 6]}]
+    assert Composition([]).run_inject_rows(batch) == []
+    bad = Composition([named("bad", inject_rows=lambda: [{"completion": "x"}])])
+    with pytest.raises(PluginError, match=r"'bad'.*'inject_rows'.*row 0 must be a dict with 'prompt_id' and 'completion'"):
+        bad.run_inject_rows(batch)
 
 
 # ---------------------------------------------------------------- advantage stage
@@ -186,7 +239,35 @@ def test_hook_loss_terms():
         not_dict.run_loss_stage(inputs, trainer_surrogate)
 
 
-# ---------------------------------------------------------------- after the step
+def test_hook_loss_objectives():
+    inputs = loss_inputs(b=2, t=3)
+    per_group = named("pairs", loss_objectives=lambda inputs: {"rank": LossTerm(inputs.log_probs.sum(-1), "group")})
+    parts = Composition([per_group]).run_loss_stage(inputs, trainer_surrogate)
+    assert list(parts.objectives) == ["pairs/rank"] and parts.objectives["pairs/rank"].normaliser == "group"
+    assert parts.terms == {}  # objectives never mix with the trainer-normalised terms
+    assert Composition([]).run_loss_stage(inputs, trainer_surrogate).objectives == {}
+    plain = Composition([named("plain", loss_objectives=lambda inputs: {"x": torch.ones(2, 3)})])
+    with pytest.raises(PluginError, match=r"'plain'.*'loss_objectives'.*term 'x': must be a grpo_plugins.LossTerm"):
+        plain.run_loss_stage(inputs, trainer_surrogate)
+    with pytest.raises(ValueError, match="normaliser must be one of"):
+        LossTerm(torch.ones(2), "batch")
+
+
+# ---------------------------------------------------------------- optimiser step and after
+def test_hook_scale_update():
+    batch = make_batch(group_sizes=(2, 2))
+    assert Composition([]).run_scale_update(batch, step=3) is None
+    half = named("half", scale_update=lambda step: torch.tensor(0.5))
+    snr = named("snr", scale_update=lambda batch, step: torch.tensor(float(step)))
+    torch.testing.assert_close(Composition([half, snr]).run_scale_update(batch, step=3), torch.tensor(1.5))
+    negative = Composition([named("negative", scale_update=lambda: torch.tensor(-1.0))])
+    with pytest.raises(PluginError, match=r"'negative'.*'scale_update'.*below 0"):
+        negative.run_scale_update(batch, step=3)
+    per_row = Composition([named("per_row", scale_update=lambda: torch.ones(2))])
+    with pytest.raises(PluginError, match=r"'per_row'.*'scale_update'.*shape \(2,\), expected \(\)"):
+        per_row.run_scale_update(batch, step=3)
+
+
 def test_hook_observe():
     calls = []
     first = named("first", observe=lambda batch, step: calls.append(("first", step, batch.advantages is not None)))
@@ -250,3 +331,4 @@ def test_every_hook_has_a_test_and_a_docs_entry():
         assert f"## `{hook}`" in hooks_doc, f"hook '{hook}' has no section in docs/hooks.md"
         assert f"`{hook}`" in lifecycle, f"hook '{hook}' is not placed in docs/lifecycle.md"
     assert set(COMBINE.values()) <= {"single", "chain", "multiply", "add", "all"}
+    assert "(designed)" in hooks_doc and "designed, not run yet" in lifecycle

@@ -83,12 +83,12 @@ def test_requirements_may_follow_the_config():
     class Needs(Method):
         name = "needs"
 
-        def __init__(self, needs: bool):
+        def __init__(self, wants: bool):
             super().__init__()
-            self.needs = needs
+            self.wants = wants
 
         def requires(self):
-            return {"old_log_probs"} if self.needs else set()
+            return {"old_log_probs"} if self.wants else set()
 
     assert Composition([Needs(True)]).required_fields() == {"old_log_probs"}
     assert Composition([Needs(False)]).required_fields() == set()

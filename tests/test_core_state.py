@@ -94,3 +94,15 @@ def test_a_method_missing_from_the_checkpoint_starts_fresh(caplog):
     composition.load_state_dict({})
     assert composition.method("tracker").steps == 0
     assert "checkpoint holds no state of method 'tracker': it starts fresh" in caplog.text
+
+
+def test_an_unreadable_state_file_is_an_error_naming_the_file(tmp_path):
+    truncated = tmp_path / "grpo_plugins_state.pt"
+    truncated.write_bytes(b"PK\x03\x04truncated")
+    with pytest.raises(CompositionError, match=r"cannot read the plugin state file .*grpo_plugins_state\.pt: .*corrupt"):
+        Composition([Tracker()]).load(truncated)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"tracker": {"rng": torch.Generator()}}, pickled)
+    with pytest.raises(CompositionError, match=r"pickled\.pt.*it holds pickled objects\)$") as error:
+        Composition([Tracker()]).load(pickled)
+    assert "weights_only=False" not in str(error.value)

@@ -8,16 +8,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(script: str, *args: str) -> str:
+def run(script: str, *args: str, with_stderr: bool = False):
     done = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return (done.stdout, done.stderr) if with_stderr else done.stdout
 
 
 def test_demo_trains_both_runs_and_writes_the_plot(tmp_path):
-    out = run("examples/trl_demo.py", "--steps", "3", "--warm-start-steps", "5", "--eval-every", "3", "--out", str(tmp_path))
+    out, err = run("examples/trl_demo.py", "--steps", "3", "--warm-start-steps", "5", "--eval-every", "3",
+                   "--out", str(tmp_path), with_stderr=True)
     assert "knapsack_rl (grpo-plugin-knapsack-rl" in out and "unlikeliness (grpo-plugin-unlikeliness" in out
     assert "plugins/knapsack_rl/" in out  # what each method did
+    # one progress bar per run with the reward, the accuracy and the methods' numbers; no raw metric dicts
+    assert "{'loss'" not in out + err and "'reward':" not in out + err
+    bars = [line for line in err.replace("\r", "\n").splitlines() if "3/3" in line]
+    assert any(line.startswith("vanilla GRPO") and "reward" in line and "acc" in line for line in bars)
+    assert any(line.startswith("knapsack_rl+ngrpo+unlikeliness") and "knapsack_rl " in line for line in bars)
+    assert "| run | reward (last 10 steps) | accuracy start -> end |" in out  # the comparison table
+    assert f"Plot: {tmp_path / 'demo.png'}" in out
     assert (tmp_path / "demo.png").stat().st_size > 0
     results = json.loads((tmp_path / "demo.json").read_text())
     assert [r["label"] for r in results] == ["vanilla GRPO (trl.GRPOTrainer)", "knapsack_rl+ngrpo+unlikeliness"]

@@ -1,11 +1,10 @@
 """MY METHOD (Author et al., year, arXiv:XXXX.XXXXX): one line on what it changes in GRPO.
 
-The maths first, as pure tensor functions with their shapes; the config; then the thin Method class.
-This template clips the estimator's advantages to ``[-clip, clip]``; replace it with your method:
+The maths first, as pure tensor functions with their shapes and the paper's formula; the config; then
+the thin Method class. As written by `grpo-plugins new`, every hook (shape_rewards) is a neutral
+placeholder that meets its contract (with ``weight = 1`` nothing changes): replace them with the method.
 
-    A'_i = min(max(A_i, -clip), clip)
-
-``A``: ``(N,)`` per-completion or ``(N, T)`` per-token advantages.
+Shapes: ``N`` completions, ``T`` completion tokens, ``B`` rows of a loss micro-batch, ``P`` prompts.
 """
 
 from __future__ import annotations
@@ -14,35 +13,37 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo_plugins import GRPOBatch, Method, hookimpl, option
-
-
-def clipped_advantages(advantages: torch.Tensor, clip: float) -> torch.Tensor:
-    """``advantages`` ``(N,)`` or ``(N, T)`` clipped to ``[-clip, clip]``; same shape."""
-    return advantages.clamp(-clip, clip)
+from grpo_plugins import NON_NEGATIVE, Example, GRPOBatch, Method, hookimpl, option
 
 
 @dataclass(frozen=True)
 class MyMethodConfig:
-    """Options of MY METHOD; every field says what it does and the paper's value."""
+    """Options of MY METHOD; every field says what it does, the paper's value and its domain."""
 
-    clip: float = option(2.0, "Largest advantage magnitude kept.", paper=2.0)
-
-    def __post_init__(self):
-        if self.clip <= 0:
-            raise ValueError(f"clip must be > 0, got {self.clip}")
+    weight: float = option(1.0, "An example option: the weight of the method's effect.", paper=1.0, domain=NON_NEGATIVE)
 
 
 class MyMethod(Method):
-    """MY METHOD: clip advantages to [-clip, clip] (the first line is the help `grpo-plugins list` shows)."""
+    """MY METHOD: one line on what it does (the help `grpo-plugins list` shows)."""
 
     name = "my_method"
     Config = MyMethodConfig
     paper = "https://arxiv.org/abs/XXXX.XXXXX"
+    plugin_api = ">=1.1,<2"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The data the conformance suite exercises the method with: declare named reward components,
+        dataset columns, completion texts, the smallest group it accepts (see grpo_plugins.example)."""
+        return Example()
 
     @hookimpl
-    def adjust_advantages(self, batch: GRPOBatch, advantages: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` or ``(N, T)`` advantages, clipped."""
-        clipped = clipped_advantages(advantages, self.config.clip)
-        self.log_metric("frac_clipped", (clipped != advantages).float().mean())
-        return clipped
+    def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
+        """Transform per-completion rewards before advantages are computed.
+
+        Returns:
+            ``(N,)`` finite float rewards.
+
+        Replace the placeholder body with the method; the spec: docs/hooks.md.
+        """
+        return rewards * self.config.weight

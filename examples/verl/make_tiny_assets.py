@@ -9,6 +9,11 @@ Writes under ``--out``:
   messages, ``ability``, ``reward_model.ground_truth``, ``extra_info.index``) for "a + b" questions.
 
 The reward is :mod:`reward` (``compute_score``: 1.0 when the completion's first number is the sum).
+
+The tokenizer is saved in the format of the installed ``transformers`` (5.x here: ``tokenizer.json``
+plus a ``tokenizer_config.json`` written by 5.x). verl 0.9.1 with transformers 5.x reads it (tested on
+CPU); a rollout engine pinned to transformers 4.x (some vLLM builds) may not: run this script with
+the transformers version the rollout engine uses.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short verl GRPO run (2 steps, 1 GPU) with two composed grpo-plugins methods on a tiny local model:
 #   vade  - prompt sampling from a per-prompt difficulty posterior (sample_prompts + observe, stateful)
-#   sapo  - soft-gated policy loss (policy_surrogate)
+#   sapo  - soft-gated policy loss (policy_surrogate), aggregated with seq-mean-token-mean as in the
+#           paper and verl's own loss_mode=sapo
 # Needs a GPU machine with verl 0.9.1 and its rollout engine (vLLM), grpo-plugins, grpo-plugins-verl and
 # the two plugins installed. Nothing is downloaded: the model, tokenizer and data are built locally.
 #
@@ -16,6 +17,8 @@ PYTHON="${PYTHON:-python}"
 METHODS="${METHODS:-[vade,sapo]}"
 
 "$PYTHON" "$HERE/make_tiny_assets.py" --out "$WORK"
+STATE="$WORK/ckpt/global_step_2/grpo_plugins.pt"
+rm -f "$STATE"  # a state file from an earlier run must not pass the check below
 
 "$PYTHON" -m grpo_plugins_verl.main \
     +grpo_plugins="$METHODS" \
@@ -30,6 +33,7 @@ METHODS="${METHODS:-[vade,sapo]}"
     actor_rollout_ref.actor.ppo_mini_batch_size=8 \
     actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 \
     actor_rollout_ref.actor.use_kl_loss=False \
+    actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean \
     actor_rollout_ref.rollout.name=vllm \
     actor_rollout_ref.rollout.n=4 \
     actor_rollout_ref.rollout.tensor_model_parallel_size=1 \
@@ -52,7 +56,9 @@ METHODS="${METHODS:-[vade,sapo]}"
     trainer.project_name=grpo_plugins \
     trainer.experiment_name=tiny_vade_sapo \
     trainer.default_local_dir="$WORK/ckpt" \
+    trainer.resume_mode=disable \
     "$@"
 
 # The plugin state (vade's posteriors, the sampling generator) is saved with verl's checkpoint.
-test -f "$WORK/ckpt/global_step_2/grpo_plugins.pt" && echo "OK: plugin state saved in $WORK/ckpt/global_step_2/grpo_plugins.pt"
+# (resume_mode=disable: verl's default "auto" would resume a finished run in the same folder and train nothing.)
+test -f "$STATE" && echo "OK: plugin state saved in $STATE"

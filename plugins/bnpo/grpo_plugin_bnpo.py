@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import FINITE, POSITIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
+from grpo_plugins import Example
 from grpo_plugins.ops import global_mean_std, segment_count, segment_max, segment_mean, segment_min
 
 
@@ -118,6 +119,13 @@ class BNPO(Method):
     name = "bnpo"
     Config = BNPOConfig
     paper = "https://arxiv.org/abs/2506.02864"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            reward_names=("reward",), reward_values=(0.0, 0.25, 0.5, 1.0), min_group_size=1,
+        )
 
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
+from grpo_plugins import Example
 from grpo_plugins.ops import (
     global_mean_std, group_normalize, segment_count, segment_max, segment_mean, segment_min, segment_sum,
 )
@@ -174,6 +175,15 @@ class COPO(Method):
     name = "copo"
     Config = COPOConfig
     paper = "https://arxiv.org/abs/2508.04138"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            min_group_size=1,
+            nonzero_constant_groups="the global advantage compares a uniform group's mean reward with the other "
+            "prompts' (the point of COPO)",
+        )
 
     def __init__(self, config: Any = None):
         super().__init__(config)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, ParallelContext, Range, hookimpl, option
+from grpo_plugins import Example
 from grpo_plugins.ops import segment_count, segment_max, segment_mean, segment_min, segment_sum
 
 
@@ -121,6 +122,11 @@ class DGPO(Method):
     name = "dgpo"
     Config = DGPOConfig
     paper = "https://arxiv.org/abs/2601.20614"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(reward_names=("accuracy", "format"), reward_values=(0.0, 1.0), min_group_size=1)
 
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:

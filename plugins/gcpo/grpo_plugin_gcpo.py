@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, hookimpl, option
+from grpo_plugins import Example
 from grpo_plugins.ops import segment_count, segment_max, segment_sum
 
 OtherRewards = Literal["error", "add", "ignore"]
@@ -180,6 +181,11 @@ class GCPO(Method):
     name = "gcpo"
     Config = GCPOConfig
     paper = "https://arxiv.org/abs/2506.07160"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(reward_names=("accuracy", "format", "aux"))
 
     def requires(self) -> set[str]:
         return {"completion_mask"}

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo_plugins import NON_NEGATIVE, POSITIVE, GRPOBatch, Method, hookimpl, option
+from grpo_plugins import Example, Needs
 from grpo_plugins.ops import segment_mean
 
 
@@ -112,6 +113,27 @@ class GRPOS(Method):
     name = "grpo_s"
     Config = GRPOSConfig
     paper = "https://arxiv.org/abs/2503.18991"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            columns={
+                "prompt_embedding": lambda row: [1.0, (row % 5) / 5, 0.5],
+                "reference_embedding": lambda row: [1.0, 0.2, (row % 3) / 3],
+                "reference_reward": lambda row: (row % 4) / 4,
+            },
+        )
+
+    def needs(self) -> Needs:
+        """The dataset columns this config reads."""
+        c, columns = self.config, set()
+        if c.hardness_weight > 0:
+            embeddings = {c.embedding_column, c.reference_embedding_column}
+            columns |= embeddings if c.data_hardness == "embeddings" else {c.hardness_column}
+        if c.responsiveness_weight > 0:
+            columns.add(c.reference_reward_column)
+        return Needs(columns=columns)
 
     def requires(self) -> set[str]:
         """The dataset rows, which carry the per-prompt columns."""

@@ -4,7 +4,9 @@
    group share at the same position, within the completions' common prefix run (forward alignment)
    or common suffix run (backward alignment, positions counted from each completion's last token).
    Negative completions skip the update on them (weight 0); positive completions amplify it
-   (weight ``w_conf``). The two alignments' weights multiply.
+   (weight ``w_conf``). The two alignments' weights multiply. The weights scale each token's loss
+   term; the completion keeps its length ``|o|`` as normaliser (the released code's
+   ``sum_t(loss_t * delta_t) / |o|``), which is how the adapters apply ``mask_tokens`` weights.
 2. Entropy rule: completions whose mean token entropy ``H`` exceeds a threshold get advantage 0;
    the others get ``A - scale * H``.
 3. An unclipped, KL-free policy gradient: loss ``-A * log pi`` per token (value ``-A``).
@@ -20,6 +22,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, LossInputs, Method, hookimpl, option
+from grpo_plugins import Example
 from grpo_plugins.ops import group_normalize, masked_mean, segment_count, segment_sum
 
 _CHUNK_ELEMENTS = 1 << 27  # elements of one comparison temporary (bytes of a bool tensor)
@@ -342,10 +345,20 @@ class GTPO(Method):
     Config = GTPOConfig
     paper = "https://arxiv.org/abs/2508.03772"
 
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            min_group_size=1,
+            nonzero_constant_groups="the entropy rule gives every low-entropy completion A - entropy_scale * H "
+            "(the paper's rule), so a group with equal rewards keeps that term",
+        )
+
     def requires(self) -> set[str]:
-        """The behaviour log-probs when the entropy rule reads them (``entropy_source='sampled'``)."""
+        """The completion tokens (conflict detection), and the behaviour log-probs when the entropy rule reads
+        them (``entropy_source='sampled'``)."""
         cfg = self.config
-        return {"old_log_probs"} if cfg.entropy_filter and cfg.entropy_source == "sampled" else set()
+        return {"completion_ids"} | ({"old_log_probs"} if cfg.entropy_filter and cfg.entropy_source == "sampled" else set())
 
     def disabled_hooks(self) -> set[str]:
         cfg, off = self.config, set()

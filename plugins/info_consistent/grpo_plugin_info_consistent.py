@@ -33,6 +33,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
+from grpo_plugins import Example, Needs
 from grpo_plugins.ops import segment_count, segment_sum
 
 GROUP_COLUMN = "prompt_id"
@@ -228,6 +229,20 @@ class InfoConsistent(Method):
     name = "info_consistent"
     Config = InfoConsistentConfig
     paper = "https://arxiv.org/abs/2512.12858"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            columns={"prompt_id": lambda row: row // 3, "relevant_units": lambda row: "apples, pears, plums"},
+            completions=("apples, pears", "pears; plums", "apples", "figs, apples, plums", ""),
+            dataset_size=33,
+            rollouts_per_prompt=3,
+        )
+
+    def needs(self) -> Needs:
+        """The dataset columns this config reads."""
+        return Needs(columns=self.required_columns(), batch_fields={"rows"} if self.config.helpfulness == "coverage" else set())
 
     def __init__(self, config: InfoConsistentConfig | None = None):
         super().__init__(config)

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
+from grpo_plugins import Example, Needs
 from grpo_plugins.ops import segment_mean
 from grpo_plugins.budgets import spread_evenly  # noqa: F401  (re-exported: the shared even split)
 from grpo_plugins.prompt_table import PromptTable
@@ -303,6 +304,14 @@ class KnapsackRL(Method):
     Config = KnapsackRLConfig
     paper = "https://arxiv.org/abs/2509.25849"
 
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            order_dependent="a prompt's recent-reward buffer keeps its rewards in batch order (which ones are the "
+            "newest only matters once the buffer is full)",
+        )
+
     def __init__(self, config=None):
         super().__init__(config)
         self.table = PromptTable(
@@ -310,6 +319,19 @@ class KnapsackRL(Method):
             reward_count=(0, torch.int64, ()),  # rewards seen in total
             buffer=(float("nan"), torch.float64, (self.config.buffer_length,)),  # recent rewards, newest last
         )
+
+    def needs(self) -> Needs:
+        """With any allocation rule that can give a prompt one rollout (min_n, negative_n, positive_n or
+        n_default below 2), groups of one reach the advantage stage: the built-in ``grpo`` estimator, which
+        needs >= 2 completions per group, is then excluded (pair it with one that accepts single
+        completions, e.g. ``spo``)."""
+        cfg = self.config
+        counts = {"min_n": cfg.min_n, "negative_n": cfg.negative_n, "positive_n": cfg.positive_n, "n_default": cfg.n_default}
+        singles = sorted(f"{key}={value}" for key, value in counts.items() if value is not None and value < 2)
+        if not singles:
+            return Needs()
+        return Needs(excludes={"grpo"}, why={"grpo": f"{', '.join(singles)} can give a prompt a single rollout, and "
+                                                     "grpo's group normalisation needs >= 2 completions per prompt"})
 
     def estimates(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(p, valid)`` ``(P,)`` of ``prompt_ids``; a prompt with fewer than ``min_rewards`` rewards is not valid."""

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import NON_NEGATIVE, LossInputs, Method, hookimpl, option
+from grpo_plugins import NON_NEGATIVE, LossInputs, LossTerm, Method, Needs, hookimpl, option
 
 
 def _run_starts(trainable: torch.Tensor) -> torch.Tensor:
@@ -130,6 +130,15 @@ class LLDSConfig:
         paper=None,
         domain=NON_NEGATIVE,
     )
+    normaliser: Literal["token", "policy"] = option(
+        "policy",
+        "'token': the term's token mean over the step's tokens, whatever the trainer's loss aggregation (the "
+        "paper; hook loss_objectives); 'policy': aggregated like the policy loss (hook loss_terms; equal to "
+        "'token' under token-mean losses such as TRL's loss_type='dapo', and runs where an adapter lacks "
+        "trainer feature 'loss_normalisers'). The default 'policy' runs on every trainer; TRL also runs "
+        "the paper's 'token'.",
+        paper="token",
+    )
 
 
 class LLDS(Method):
@@ -138,10 +147,23 @@ class LLDS(Method):
     name = "llds"
     Config = LLDSConfig
     paper = "https://arxiv.org/abs/2512.04220"
+    plugin_api = ">=1.1,<2"
+
+    def disabled_hooks(self) -> set[str]:
+        return {"loss_terms"} if self.config.normaliser == "token" else {"loss_objectives"}
+
+    def needs(self) -> Needs:
+        return Needs(why={"loss_normalisers": "its token-mean term (normaliser='policy' aggregates it like the "
+                          "policy loss instead)"})
+
+    @hookimpl
+    def loss_objectives(self, inputs: LossInputs) -> dict[str, LossTerm]:
+        """``{"llds": LossTerm((B, T) lambda_t * penalty_t, "token")}``: the paper's token mean."""
+        return {"llds": LossTerm(self.loss_terms(inputs)["llds"], "token")}
 
     @hookimpl
     def loss_terms(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        """``{"llds": (B, T) lambda_t * penalty_t}``, aggregated like the policy loss (token mean in the paper)."""
+        """``{"llds": (B, T) lambda_t * penalty_t}``, aggregated like the policy loss (``normaliser='policy'``)."""
         cfg = self.config
         displacement, active, _, gated, actions = _penalty_parts(
             inputs.log_probs, inputs.old_log_probs, inputs.advantages, inputs.mask, cfg.level

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, Range, hookimpl, option
+from grpo_plugins import Example
 
 OtherRewards = Literal["error", "add", "ignore"]
 _NO_NGRAM = torch.iinfo(torch.long).max  # sorts after every real n-gram key
@@ -153,6 +154,11 @@ class MultiRole(Method):
     name = "multirole"
     Config = MultiRoleConfig
     paper = "https://arxiv.org/abs/2507.20187"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(reward_names=("accuracy", "roles"), reward_values=(0.0, 1.0, 2.0, 3.0))
 
     def requires(self) -> set[str]:
         return {"completion_ids", "completion_mask"}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, LossInputs, Method, Range, hookimpl, option
+from grpo_plugins import Example
 from grpo_plugins.ops import segment_count, segment_max, segment_min, segment_sum
 
 
@@ -132,6 +133,15 @@ class NGRPO(Method):
     name = "ngrpo"
     Config = NGRPOConfig
     paper = "https://arxiv.org/abs/2509.18851"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            min_group_size=1,
+            nonzero_constant_groups="the virtual maximum-reward sample gives an all-wrong group negative advantages "
+            "(the point of NGRPO)",
+        )
 
     def disabled_hooks(self) -> set[str]:
         off = set()

@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, Range, hookimpl, option
+from grpo_plugins import Example
 from grpo_plugins.ops import segment_count, segment_max, segment_min, segment_std, segment_sum
 
 
@@ -179,6 +180,15 @@ class Polychromic(Method):
     name = "polychromic"
     Config = PolychromicConfig
     paper = "https://arxiv.org/abs/2509.25424"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            min_group_size=4,
+            nonzero_constant_groups="a set's reward is its mean reward times its diversity, so completions of a group "
+            "with equal rewards still differ by the diversity of the sets they belong to",
+        )
 
     def __init__(self, config: Any = None):
         super().__init__(config)

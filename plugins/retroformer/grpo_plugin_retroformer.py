@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import FINITE, GRPOBatch, Method, hookimpl, option
+from grpo_plugins import Example, Needs
 from grpo_plugins.ops import segment_max, segment_min
 
 
@@ -96,6 +97,20 @@ class Retroformer(Method):
     name = "retroformer"
     Config = RetroformerConfig
     paper = "https://arxiv.org/abs/2308.02151"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            config={"return_component": "next_return"},
+            reward_names=("next_return", "format"),
+            reward_values=(0.0, 0.5, 1.0),
+            columns={"previous_return": lambda row: (row % 3) / 2},
+        )
+
+    def needs(self) -> Needs:
+        """The dataset columns this config reads."""
+        return Needs(columns={self.config.previous_return_column})
 
     def requires(self) -> set[str]:
         """The dataset rows, which carry the previous trial's return."""

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, hookimpl, option
+from grpo_plugins import Example, Needs
 
 OtherRewards = Literal["error", "add", "ignore"]
 
@@ -125,6 +126,18 @@ class SGRPO(Method):
     name = "s_grpo"
     Config = SGRPOConfig
     paper = "https://arxiv.org/abs/2506.04614"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            reward_names=("format", "accuracy", "suggestion"),
+            columns={"label": lambda row: row % 2},
+        )
+
+    def needs(self) -> Needs:
+        """The dataset columns this config reads."""
+        return Needs(columns={self.config.label_column} - {""})
 
     def requires(self) -> set[str]:
         return {"rows"} if self.config.label_column else set()

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from grpo_plugins import FINITE, NON_NEGATIVE, UNIT, GRPOBatch, Method, PromptRound, Range, hookimpl, option
+from grpo_plugins import FINITE, NON_NEGATIVE, UNIT, Example, GRPOBatch, Method, Needs, PromptRound, Range, hookimpl, option
 from grpo_plugins.ops import segment_max
 
 
@@ -148,6 +148,23 @@ class ScafGRPO(Method):
         self.prompt_ids = torch.zeros(0, dtype=torch.long)
         self.levels = torch.zeros(0, dtype=torch.long)
         self.stuck = torch.zeros(0, dtype=torch.bool)
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run: every row has the three hint columns (the third tier
+        empty for odd prompts, as a dataset may leave a tier unhinted); a short warm-up."""
+        return Example(
+            config={"warmup_steps": 1},
+            columns={
+                "hint_knowledge": lambda prompt_id: f"facts for {prompt_id}",
+                "hint_planning": lambda prompt_id: [f"step 1 of {prompt_id}", f"step 2 of {prompt_id}"],
+                "hint_solution": lambda prompt_id: "" if prompt_id % 2 else f"answer {prompt_id}",
+            },
+        )
+
+    def needs(self) -> Needs:
+        """Every dataset row must have the hint columns (an empty cell is allowed: that tier is unhinted)."""
+        return Needs(columns=self.config.hint_columns, why={c: "scaf_grpo reads its hints there" for c in self.config.hint_columns})
 
     @property
     def warmup_steps(self) -> int:

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
+from grpo_plugins import Example
 from grpo_plugins.ops import global_mean_std, segment_sum
 from grpo_plugins.parallel import ParallelContext
 from grpo_plugins.prompt_table import PromptTable, draw_weighted
@@ -159,6 +160,14 @@ class SPO(Method):
     name = "spo"
     Config = SPOConfig
     paper = "https://arxiv.org/abs/2509.13232"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            min_group_size=1,
+            nonzero_constant_groups="the baseline is the prompt's value tracker, not the group's mean (single-stream)",
+        )
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -35,6 +35,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, hookimpl, option
+from grpo_plugins import Example
 
 #: The release's format (``src/r1-v/src/open_r1/grpo.py``), with the thought captured as ``think``.
 DEFAULT_PATTERN = r"<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>"
@@ -156,6 +157,18 @@ class TON(Method):
     name = "ton"
     Config = TONConfig
     paper = "https://arxiv.org/abs/2505.16854"
+
+    @classmethod
+    def example(cls) -> Example:
+        """The conformance suite's example run (see grpo_plugins.example)."""
+        return Example(
+            completions=(
+                "<think>add the units first</think> <answer>42</answer>",
+                "<think>\n\n</think><answer>7</answer>",
+                "<think>carry</think> <answer>13</answer>",
+                "42",
+            ),
+        )
 
     def requires(self) -> set[str]:
         """The decoded completions, whose thoughts are read."""

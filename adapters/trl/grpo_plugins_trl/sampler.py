@@ -1,16 +1,10 @@
 """``PluginSampler``: TRL's ``RepeatSampler`` layout with prompts and rollout counts chosen by methods.
 
-One round is ``budget`` (= ``generation_batch_size``) dataset indices: the round's prompts, each
-repeated by its rollout count, consecutively (rows are grouped by prompt). A ``sample_prompts``
-method may choose any number of prompts from 1 to ``budget`` (e.g. ``budget`` prompts of one
-completion each); the counts come from ``allocate_rollouts`` or split the budget evenly. The round is yielded
-``repeat_count`` (= ``num_iterations * steps_per_generation``) times, because TRL consumes the
-dataloader on every micro-step but generates from the first block only. Every rank builds the same
-sampler with the same seed and calls the same hooks, so all ranks see identical rounds and
-accelerate hands each rank its contiguous slice.
-
-The dataloader fetches one batch ahead, so round r+1 is planned before ``observe`` has seen round
-r: a method's state reaches its sampling one round late.
+One round is ``budget`` (= ``generation_batch_size``) dataset indices, each prompt repeated by its
+rollout count, consecutively; it is yielded ``repeat_count`` (= ``num_iterations * steps_per_generation``)
+times because TRL consumes the dataloader on every micro-step but generates from the first block.
+Every rank builds the same seeded sampler and calls the same hooks, so all ranks see identical rounds.
+The dataloader fetches one batch ahead: a method's state reaches its sampling one round late.
 """
 
 from __future__ import annotations

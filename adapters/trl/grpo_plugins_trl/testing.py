@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # any accidental hub lookup fails fast
@@ -53,19 +54,26 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_model(seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
-    """A randomly initialised Qwen2 causal LM (hidden 32, 2 layers) over :func:`tiny_tokenizer`'s vocabulary."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_model(
+    seed: int = 0, hidden_size: int = 32, num_layers: int = 2, architecture: str = "qwen2",
+    max_positions: int = 64, **config_overrides: Any,
+):
+    """A randomly initialised causal LM (default: Qwen2, hidden 32, 2 layers) over :func:`tiny_tokenizer`'s
+    vocabulary. ``architecture``: ``"qwen2"`` or ``"llama"``; ``config_overrides``: any field of the
+    model config (e.g. ``attn_implementation``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    config_cls, model_cls = classes[architecture]
     tokenizer = tiny_tokenizer()
-    config = Qwen2Config(
+    config = config_cls(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, **config_overrides,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = model_cls(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
@@ -148,7 +156,7 @@ def tiny_grpo_run(
     """Train the tiny model for ``max_steps`` optimiser steps on CPU in fp32 and return the trainer.
 
     Args:
-        plugins: the method list (``["spo", {"gtpo": {...}}, MethodInstance]``); ``None`` with
+        plugins: the method list (``["ngrpo", {"unlikeliness": {"rank_penalty": 0.5}}, MethodInstance]``); ``None`` with
             ``trainer_cls`` given trains that class (e.g. plain ``trl.GRPOTrainer``) without plugins.
         max_steps: optimiser steps.
         seed: seed of the model initialisation, the dataset and the trainer.
@@ -158,8 +166,8 @@ def tiny_grpo_run(
         callbacks: extra ``TrainerCallback`` objects.
         resume_from_checkpoint: passed to ``trainer.train``.
         train: False returns the trainer without training.
-        model_config: keyword arguments of :func:`tiny_model` (``hidden_size``, ``num_layers``) for a
-            larger model; the defaults give the 2-layer, hidden-32 model.
+        model_config: keyword arguments of :func:`tiny_model` (``hidden_size``, ``num_layers``,
+            ``architecture``, ...); the defaults give the 2-layer, hidden-32 Qwen2 model.
         **grpo_config_overrides: any ``GRPOConfig`` field (``loss_type``, ``beta``, ``num_iterations``, ...).
             ``beta > 0`` saves the model to a temporary folder and passes its path, because TRL builds
             the reference model from the policy's path.
@@ -208,8 +216,123 @@ def tiny_grpo_run(
     return trainer
 
 
+@dataclass
+class LossOnBatch:
+    """What :func:`trl_loss_on_batch` returns.
+
+    Attributes:
+        per_token_loss: ``(N, T)`` per-token loss before aggregation (policy loss x gates x token
+            weights, + ``beta * KL`` and the methods' terms), 0 on padding.
+        loss: the scalar TRL's ``compute_loss`` returned (what the optimiser sees).
+        grad: ``(N, T)`` gradient of ``loss`` with respect to the current log-probs, 0 on padding.
+        advantages: ``(N,)`` or ``(N, T)`` advantages TRL's loss received (token weights folded in
+            when TRL's own loss runs).
+    """
+
+    per_token_loss: torch.Tensor
+    loss: torch.Tensor
+    grad: torch.Tensor
+    advantages: torch.Tensor
+
+
+def trl_loss_on_batch(
+    plugins: Any,
+    *,
+    prompt_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor | None = None,
+    entropies: torch.Tensor | None = None,
+    ref_log_probs: torch.Tensor | None = None,
+    reward_components: torch.Tensor | None = None,
+    reward_names: Sequence[str] = (),
+    prompts: list | None = None,
+    completions: list | None = None,
+    rows: list[dict] | None = None,
+    **grpo_config_overrides: Any,
+) -> LossOnBatch:
+    """One fixed generation batch through the TRL adapter's advantage stage and TRL's loss path, on one
+    process, with the model's log-probs replaced by ``log_probs``: the trainer-side half of a
+    cross-adapter check (give the same batch to another adapter and compare).
+
+    Args:
+        plugins: the method list.
+        prompt_ids: ``(N,)`` int64 prompt id of each completion (groups by id).
+        rewards: ``(N,)`` float rewards (one reward function).
+        completion_ids: ``(N, T)`` token ids (any ids below the tiny vocabulary's size).
+        completion_mask: ``(N, T)`` 0/1, right-padded.
+        log_probs: ``(N, T)`` current-policy log-probs of the completion tokens.
+        old_log_probs: ``(N, T)`` behaviour log-probs; None is fully on-policy (TRL's detached current).
+        entropies: ``(N, T)`` token entropies the loss sees (default 0).
+        ref_log_probs: ``(N, T)`` reference log-probs, needed with ``beta > 0``.
+        reward_components: ``(N, K)`` per-reward-function scores named ``reward_names`` (weights 1;
+            ``rewards`` must be their sum); None: one reward function scoring ``rewards``.
+        prompts, completions, rows: ``N`` prompts, completion texts and dataset rows the methods see
+            (default: empty texts and rows).
+        **grpo_config_overrides: ``GRPOConfig`` fields (``loss_type``, ``beta``, ``epsilon``,
+            ``importance_sampling_level``, ``entropy_coef``, ...). One gradient-accumulation step, one
+            micro-batch.
+    """
+    from unittest import mock
+
+    from grpo_plugins_trl.loss import per_token_losses
+
+    n, t = completion_ids.shape
+    size = int((prompt_ids == prompt_ids[0]).sum())
+    generations = size if size >= 2 and n % size == 0 else n
+    settings = dict(per_device_train_batch_size=n, num_generations=generations, gradient_accumulation_steps=1,
+                    steps_per_generation=1, max_completion_length=t)
+    trainer = tiny_grpo_run(plugins, train=False, **{**settings, **grpo_config_overrides})
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    mask = completion_mask.long()
+    grouped = rewards.view(-1, generations)  # TRL's own advantage, as GRPOTrainer computes it
+    out = {
+        "prompt_ids": torch.full((n, 1), trainer.processing_class.bos_token_id),
+        "prompt_mask": torch.ones((n, 1), dtype=torch.long),
+        "completion_ids": completion_ids.long(),
+        "completion_mask": mask,
+        "advantages": ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1),
+        "num_items_in_batch": mask.sum(),
+    }
+    if old_log_probs is not None:
+        out["old_per_token_logps"] = old_log_probs
+    if ref_log_probs is not None:
+        out["ref_per_token_logps"] = ref_log_probs
+    current = log_probs.detach().clone().requires_grad_(True)
+    entropies = torch.zeros_like(current) if entropies is None else entropies
+
+    def fixed_log_probs(*args: Any, **kwargs: Any):
+        return (current if torch.is_grad_enabled() else current.detach()), entropies, None
+
+    ids = [int(i) for i in prompt_ids]
+    trainer._plugin_local_ids = ids
+    if reward_components is not None:  # named reward functions, weight 1 each
+        trainer.reward_func_names = list(reward_names)
+        trainer.reward_weights = torch.ones(len(reward_names))
+    trainer._plugin_gathered = {
+        "rewards_per_func": rewards.float()[:, None] if reward_components is None else reward_components.float(),
+        "prompt_ids": ids, "prompts": prompts or [""] * n, "completions": completions or [""] * n,
+        "rows": rows or [{} for _ in range(n)],
+    }
+    with mock.patch.object(trainer, "_get_per_token_logps_and_entropies", fixed_log_probs):
+        if not trainer._plugin_passthrough:
+            trainer._run_advantage_stage(out, n)
+        loss = trainer.compute_loss(trainer.model, out)
+        loss.backward()
+        with torch.no_grad():
+            per_token, loss_mask, _, _ = per_token_losses(trainer, trainer.model, out)
+    grad = torch.where(mask.bool(), current.grad, 0.0)
+    per_token = torch.where(loss_mask.bool(), per_token, 0.0)
+    return LossOnBatch(per_token_loss=per_token, loss=loss.detach(), grad=grad, advantages=out["advantages"])
+
+
 __all__ = [
     "GradientRecorder",
+    "LossOnBatch",
+    "trl_loss_on_batch",
     "arithmetic_dataset",
     "completion_text",
     "digit_overlap_reward",

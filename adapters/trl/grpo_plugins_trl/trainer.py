@@ -1,25 +1,19 @@
-"""``PluginGRPOTrainer``: TRL's ``GRPOTrainer`` with the grpo-plugins hooks wired in.
+"""``PluginGRPOTrainer``: TRL's ``GRPOTrainer`` with the grpo-plugins hooks wired in (TRL 1.16).
 
-Where each hook runs (TRL 1.16):
-
-- ``sample_prompts`` / ``allocate_rollouts``: :class:`~grpo_plugins_trl.sampler.PluginSampler`
-  replaces ``_get_train_sampler``; one round = ``generation_batch_size`` rows grouped by prompt
-  (any number of prompts from 1 to ``generation_batch_size``).
-- ``augment_prompts``: at the start of ``_generate_and_score_completions``, on the global round.
-- ``shape_rewards`` -> ``compute_advantages`` -> ``adjust_advantages`` -> ``mask_tokens``: after
-  TRL's own scoring, on the GLOBAL generation batch (rewards gathered by ``_calculate_rewards``,
-  prompt ids gathered alongside); this rank's rows are sliced back into TRL's output dict.
-- ``policy_surrogate`` / ``gate_loss`` / ``loss_terms``: ``_compute_loss`` (only when a method
-  implements one of them; otherwise TRL's loss runs unchanged).
-- ``observe``: at the end of the optimiser step that consumed the generation batch.
-
-The adapter holds no method maths: it moves tensors between TRL and the composition.
+Round planning replaces ``_get_train_sampler`` (:mod:`grpo_plugins_trl.sampler`); ``augment_prompts``
+and the advantage stage wrap ``_generate_and_score_completions`` and run on the GLOBAL generation
+batch; the loss hooks replace ``_compute_loss`` (:mod:`grpo_plugins_trl.loss`) only when a method
+implements one; ``observe`` runs after the optimiser step that consumed a generation batch. With
+``shared_prefix=True`` every log-prob forward encodes each prompt once per group
+(:mod:`grpo_plugins_trl.prefix`). The adapter holds no method maths: it moves tensors between TRL and
+the composition (README: where each hook runs).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -30,14 +24,24 @@ from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from grpo_plugins import Composition, GRPOBatch, ParallelContext, PromptRound
+from grpo_plugins import GRPOBatch, Method, ParallelContext, PromptRound
 from grpo_plugins.errors import CompositionError
+from grpo_plugins.needs import TrainerCapabilities
+from grpo_plugins.surrogates import weight_token_advantages
+from grpo_plugins_trl.checks import checked_composition
+from grpo_plugins_trl import objectives
+from grpo_plugins_trl import statistics, update_control
+from grpo_plugins_trl.prefix import install_grouped_attention, refuse_shared_prefix
 
+logger = logging.getLogger("grpo_plugins_trl")
 STATE_FILE = "grpo_plugins_state.pt"
 ROW_DATA_PREFIX = "grpo_plugins.row_data."
 TOKEN_WEIGHTS_KEY = "grpo_plugins.token_weights"
 INDEX_KEY = "grpo_plugins.dataset_index"  # carried from the dataset to the trainer, removed before TRL sees rows
-LOSS_HOOK_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "sapo")
+SKIPPED_METRIC = "plugins/skipped_empty_batches"
+# TRL's loss types as the core's neutral loss_aggregation setting (the adapter's own loss runs every one).
+LOSS_AGGREGATION = {"grpo": "sequence_mean", "sapo": "sequence_mean", "bnpo": "token_mean", "dapo": "token_mean",
+                    "cispo": "token_mean", "vespo": "token_mean", "dr_grpo": "sequence_sum", "luspo": "sequence_sum"}
 # Multimodal inputs TRL's forward pass takes from its output dict.
 FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                 "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -45,7 +49,12 @@ FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention
 
 @dataclass
 class PluginGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the run's method list, so a TRL YAML config can carry ``grpo_plugins:``."""
+    """``GRPOConfig`` plus the run's method list, so a TRL YAML config can carry ``grpo_plugins:``.
+
+    Only :class:`PluginGRPOTrainer` runs the methods: a config with a non-empty ``grpo_plugins``
+    given to any other trainer (e.g. plain ``trl.GRPOTrainer``) raises ``ValueError`` when that
+    trainer is built, instead of training without the methods.
+    """
 
     # Typed list[str] for TRL's argument parser (names on the command line); YAML configs and Python
     # code may also give {name: {config}} mappings.
@@ -53,9 +62,37 @@ class PluginGRPOConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "The grpo-plugins methods to enable, in composition order: names or {name: {config}} "
-            "mappings, e.g. ['spo', {'gtpo': {'alpha': 1.0}}]."
+            "mappings, e.g. ['knapsack_rl', 'ngrpo', {'unlikeliness': {'rank_penalty': 0.5}}]."
         },
     )
+    grpo_plugins_fresh_state: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint that holds no grpo_plugins_state.pt (e.g. one written by a run "
+            "without these methods) with the methods' state started fresh. Without it such a resume is "
+            "refused when an enabled method keeps state."
+        },
+    )
+    shared_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "Encode each prompt once per group in the log-prob forward passes (old, reference and "
+            "training), as Prefix Grouper does (arXiv:2506.05433): same log-probs and gradients, less work "
+            "when prompts are long. Needs the prefix-grouper package and a text-only model with 'sdpa' "
+            "attention (grpo_plugins_trl.prefix)."
+        },
+    )
+
+    def get_process_log_level(self) -> int:
+        # transformers.Trainer.__init__ calls this on its args: the one moment a trainer takes the config.
+        if (self.grpo_plugins or self.shared_prefix) and not getattr(self, "_taken_by_plugin_trainer", False):
+            what = f"grpo_plugins={self.grpo_plugins!r}" if self.grpo_plugins else "shared_prefix=True"
+            raise ValueError(
+                f"this PluginGRPOConfig enables {what}, which only grpo_plugins_trl.PluginGRPOTrainer runs; "
+                "this trainer would train without it. Use PluginGRPOTrainer, or set grpo_plugins=None and "
+                "shared_prefix=False"
+            )
+        return super().get_process_log_level()
 
 
 class IndexedRows(torch.utils.data.Dataset):
@@ -111,29 +148,32 @@ class PluginGRPOTrainer(GRPOTrainer):
         if plugins is not None and from_config:
             raise CompositionError("give the method list either as plugins= or as args.grpo_plugins, not both")
         methods = plugins if plugins is not None else (from_config or [])
-        # Built before TRL loads models, so a bad method list fails at once.
-        self.composition = Composition(
-            methods, defaults={"grpo": {"epsilon": 1e-4, "scale": _scale_name(config.scale_rewards)}}
-        )
-        _check_supported(self.composition, config)
-        super().__init__(*args, **kwargs)
+        # Built and checked before TRL loads models, so a bad run fails at once, every problem in one
+        # error; `grpo-plugins check` runs this same check on a run config.
+        dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        self.composition = checked_composition(config, methods, dataset)
+        shared_prefix = getattr(config, "shared_prefix", False)
+        config._taken_by_plugin_trainer = True  # see PluginGRPOConfig.get_process_log_level
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            config._taken_by_plugin_trainer = False
+        if shared_prefix:
+            refuse_shared_prefix(config, (self.model, self.ref_model))
+            install_grouped_attention()
         c = self.composition
-        if (c.implements("sample_prompts") or c.implements("allocate_rollouts")) and isinstance(
-            self.train_dataset, torch.utils.data.IterableDataset
-        ):
-            raise CompositionError(
-                f"method(s) {c.providers('sample_prompts') + c.providers('allocate_rollouts')} choose prompts or "
-                "rollout counts, which needs a map-style train dataset, not an IterableDataset"
-            )
         self._plugin_pending: list[GRPOBatch] = []
         self.last_plugin_batch: GRPOBatch | None = None  # the global batch of the latest advantage stage
         self._plugin_gathered: dict[str, Any] = {}
         self._plugin_dataset_rows: list[dict] | None = None
         self._plugin_local_ids: list[int] = []
+        self._plugin_skipped = False  # the current generation batch has no token to learn from
         # Nothing but the built-in ``grpo`` at TRL's own settings: GRPOTrainer's code path runs unchanged.
         self._plugin_passthrough = not c.user_methods and self._grpo_is_trls()
         if not self._plugin_passthrough:
             self.add_callback(_ObserveCallback(self))
+        objectives.start(self)  # reference model at beta=0 if a method needs it; the setup hooks
+        self._plugin_update_control = update_control.UpdateControl.install(self)  # scale_update, gradient statistics
 
     def _grpo_is_trls(self) -> bool:
         """Whether the built-in ``grpo`` method is configured as TRL's own estimator (scale and epsilon)."""
@@ -166,30 +206,28 @@ class PluginGRPOTrainer(GRPOTrainer):
         )
 
     def _get_train_sampler(self, dataset=None):
-        c = self.composition
         if not self.plans_rounds:
             return super()._get_train_sampler(dataset)
         from grpo_plugins_trl.sampler import PluginSampler
 
+        args, repeats = self.args, self.num_iterations * self.args.steps_per_generation
         return PluginSampler(
-            composition=c,
+            composition=self.composition,
             dataset_size=len(dataset if dataset is not None else self.train_dataset),
-            num_prompts=self.args.generation_batch_size // self.num_generations,
-            budget=self.args.generation_batch_size,
+            num_prompts=args.generation_batch_size // self.num_generations,
+            budget=args.generation_batch_size,
             default_rollouts=self.num_generations,
-            repeat_count=self.num_iterations * self.args.steps_per_generation,
-            steps_per_round=self.num_iterations * self.args.steps_per_generation / self.args.gradient_accumulation_steps,
+            repeat_count=repeats,
+            steps_per_round=repeats / args.gradient_accumulation_steps,
             shuffle=self.shuffle_dataset,
-            seed=self.args.seed,
+            seed=args.seed,
             on_round=self._record_round,
             total_steps=self.total_steps,
         )
 
     def _record_round(self, indices: torch.Tensor) -> None:
         """Kept for tests and debugging: the dataset indices of the last 64 rounds the sampler planned."""
-        if not hasattr(self, "_plugin_rounds"):
-            self._plugin_rounds: deque[torch.Tensor] = deque(maxlen=64)
-        self._plugin_rounds.append(indices)
+        self.__dict__.setdefault("_plugin_rounds", deque(maxlen=64)).append(indices)
 
     # ------------------------------------------------------------------ advantage stage
     @staticmethod
@@ -204,13 +242,16 @@ class PluginGRPOTrainer(GRPOTrainer):
         return [stable_prompt_id(x.get("prompt")) for x in inputs]
 
     def _augment(self, inputs: list[dict]) -> list[dict]:
-        """Run ``augment_prompts`` on the global round (each distinct prompt once, identically on every rank)."""
+        """Run ``augment_prompts`` on the global round (each distinct prompt once, identically on every rank).
+
+        Rows are distinct by prompt id and text: rows sharing a ``prompt_id`` (one group) with different
+        prompts (e.g. paraphrases of one request) are each rewritten, not replaced by the first one."""
         local_ids = self._plugin_local_ids
         all_ids = gather_object(local_ids)
         all_rows = gather_object([dict(x) for x in inputs])
-        first: dict[int, int] = {}
-        for position, pid in enumerate(all_ids):
-            first.setdefault(pid, position)
+        first: dict[tuple[int, int], int] = {}
+        for position, (pid, row) in enumerate(zip(all_ids, all_rows)):
+            first.setdefault((pid, stable_prompt_id(row["prompt"])), position)
         order = list(first.values())
         dataset = self.train_dataset
         round = PromptRound(
@@ -229,7 +270,7 @@ class PluginGRPOTrainer(GRPOTrainer):
         )
         new_prompt = dict(zip(first, prompts))
         self._pop_plugin_metrics("train")
-        return [{**x, "prompt": new_prompt[pid]} for x, pid in zip(inputs, local_ids)]
+        return [{**x, "prompt": new_prompt[pid, stable_prompt_id(x["prompt"])]} for x, pid in zip(inputs, local_ids)]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -255,7 +296,10 @@ class PluginGRPOTrainer(GRPOTrainer):
         if self.composition.implements("augment_prompts"):
             self._plugin_dataset_rows = [dict(x) for x in inputs]
             inputs = self._augment(inputs)
-        out = super()._generate_and_score_completions(inputs)
+        with statistics.capture_old_pass(self):  # old entropies from TRL's own old pass, when it runs one
+            out = super()._generate_and_score_completions(inputs)
+        if self._plugin_reference:
+            objectives.add_reference_log_probs(self, out)
         self._run_advantage_stage(out, len(inputs))
         return out
 
@@ -268,12 +312,20 @@ class PluginGRPOTrainer(GRPOTrainer):
 
     def _run_advantage_stage(self, out: dict, n: int) -> None:
         acc, c = self.accelerator, self.composition
+        loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+        global_mask = self._gather_rows(loss_mask).float()
+        # No token left to learn from (e.g. mask_truncated_completions with every completion truncated):
+        # like GRPOTrainer, the step runs with a zero loss; the methods skip the batch (no stage, no observe).
+        self._plugin_skipped = not bool(global_mask.any())
+        if self._plugin_skipped:
+            logger.warning("every completion of the generation batch is masked: the methods skip it (zero loss)")
+            self._metrics["train"][SKIPPED_METRIC].append(1.0)
+            return
         gathered = self._plugin_gathered
         rewards_per_func = gathered["rewards_per_func"]
         weights = self.reward_weights.to(rewards_per_func.device)
         rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: the core reports it
-        loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
         batch = GRPOBatch(
             prompt_ids=torch.tensor(gathered["prompt_ids"], dtype=torch.long, device=rewards.device),
             rewards=rewards,
@@ -281,7 +333,7 @@ class PluginGRPOTrainer(GRPOTrainer):
             reward_names=tuple(self.reward_func_names),
             reward_weights=weights,
             completion_ids=self._gather_rows(out["completion_ids"], self._tokenizer.pad_token_id),
-            completion_mask=self._gather_rows(loss_mask).float(),
+            completion_mask=global_mask,
             old_log_probs=self._gather_rows(self._behaviour_log_probs(out)),
             ref_log_probs=self._gather_rows(out.get("ref_per_token_logps")),
             prompts=gathered["prompts"],
@@ -290,42 +342,38 @@ class PluginGRPOTrainer(GRPOTrainer):
             step=self.state.global_step,
             total_steps=self.total_steps(),
             parallel=ParallelContext(rank=acc.process_index, world_size=acc.num_processes, gathered=True),
+            **statistics.batch_fields(self, out),  # old_entropies, old_log_probs_at when a method reads them
         )
         trl_advantages = acc.gather(out["advantages"])  # TRL's own (N,), identical on every rank
         c.run_advantage_stage(batch)
-        if self._keeps_trl_advantages(batch):
+        keeps_trl = self._keeps_trl_advantages(batch)
+        if keeps_trl:
             # The built-in ``grpo`` estimator alone, on TRL's own groups: TRL already computed the same
             # quantity, (r - group mean) / (std + 1e-4). Its float rounding differs from the core's
-            # segment statistics in the last bits (nanmean(x^2)*n/(n-1) vs sum(x^2)/(n-1)), so keep
-            # TRL's tensor: the trainer's numbers come out unchanged, bit for bit.
+            # segment statistics in the last bits, so keep TRL's tensor: the numbers stay TRL's, bit for bit.
             batch.advantages = trl_advantages
         local = slice(acc.process_index * n, (acc.process_index + 1) * n)
         width = out["completion_ids"].shape[1]
         advantages = batch.advantages[local]
         if advantages.dim() == 2:
             advantages = advantages[:, :width]
-        if batch.token_weights is not None:
-            token_weights = batch.token_weights[local, :width].to(loss_mask.device)
-            keep = (token_weights > 0).to(out["completion_mask"].dtype)
-            out["tool_mask"] = keep if "tool_mask" not in out else out["tool_mask"] * keep
-            if not bool(((batch.token_weights == 0) | (batch.token_weights == 1)).all()):  # same on all ranks
-                if self.composition.has_loss_hooks:  # the adapter's loss multiplies the policy loss by them
-                    out[TOKEN_WEIGHTS_KEY] = token_weights
-                else:
-                    # Positive weights scale each token's policy loss: exact through the advantage for TRL's
-                    # losses (each is positively homogeneous in A once the sign of A is fixed).
-                    advantages = (advantages if advantages.dim() == 2 else advantages.unsqueeze(1)) * token_weights
-            local_tokens = (out["completion_mask"] * out["tool_mask"]).sum()
-            out["num_items_in_batch"] = acc.gather(local_tokens).sum()
+        # mask_tokens weights multiply each token's policy loss; the normaliser stays TRL's completion mask.
+        token_weights = None if batch.token_weights is None else batch.token_weights[local, :width].to(advantages.device)
+        if token_weights is not None and c.has_loss_hooks:
+            out[TOKEN_WEIGHTS_KEY] = token_weights  # the adapter's loss multiplies the policy loss by them
+        else:  # exact for TRL's losses: each is positively homogeneous in A once the sign of A is fixed
+            advantages = weight_token_advantages(advantages, token_weights)
         out["advantages"] = advantages.to(out["completion_ids"].device)
         for key, value in batch.row_data.items():
             value = value[local]
             if value.dim() >= 2 and value.shape[1] == batch.completion_mask.shape[1]:
                 value = value[:, :width]  # token-aligned data follows this rank's padding
             out[ROW_DATA_PREFIX + key] = value
-        if not self._keeps_trl_advantages(batch):
+        if not keeps_trl:
             self._log_final_advantages(batch)
         self._pop_plugin_metrics("train")
+        if c.implements("loss_objectives"):
+            objectives.attach(self, out, batch, local)
         self._plugin_pending.append(batch)
         self.last_plugin_batch = batch
 
@@ -344,12 +392,8 @@ class PluginGRPOTrainer(GRPOTrainer):
         forward_kwargs = {key: out[key] for key in FORWARD_KEYS if key in out}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             old, _, _ = self._get_per_token_logps_and_entropies(
-                self.model,
-                prompt_completion_ids,
-                attention_mask,
-                out["completion_ids"].size(1),
-                batch_size=self.args.per_device_train_batch_size,
-                **forward_kwargs,
+                self.model, prompt_completion_ids, attention_mask, out["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size, **forward_kwargs,
             )
         return old
 
@@ -371,8 +415,9 @@ class PluginGRPOTrainer(GRPOTrainer):
         """Replace TRL's logged advantages (completions table) by the ones the loss uses."""
         adv = batch.advantages
         if adv.dim() == 2:  # per-token: log each completion's token mean
-            mask = batch.completion_mask
-            adv = (adv * mask).sum(1) / mask.sum(1).clamp(min=1)
+            from grpo_plugins.ops import masked_mean
+
+            adv = masked_mean(adv, batch.completion_mask, dim=-1)
         logged = self._logs["advantages"]
         for _ in range(min(len(logged), batch.num_completions)):
             logged.pop()
@@ -393,8 +438,30 @@ class PluginGRPOTrainer(GRPOTrainer):
             self._metrics[mode][key].append(value)
 
     # ------------------------------------------------------------------ loss stage
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **forward_kwargs):
+        plain = compute_aux_loss or any(v is not None for v in forward_kwargs.values())  # refused at start-up
+        if getattr(self.args, "shared_prefix", False) and not plain:
+            from grpo_plugins_trl.prefix import shared_prefix_log_probs  # every log-prob pass: old, ref, loss
+
+            return shared_prefix_log_probs(self, model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                           compute_entropy)
+        return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                                          compute_entropy, compute_aux_loss, **forward_kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.model.training and getattr(self, "_plugin_update_control", None) is not None:
+            self._plugin_update_control.after_micro_step()  # scale_update at the step's last micro-batch
+        return loss
+
+    def _prepare_inputs(self, generation_batch):
+        if self.model.training and self._plugin_whole_groups:  # shuffle groups, not rows (objectives)
+            return objectives.prepare_whole_groups(self, generation_batch)
+        return super()._prepare_inputs(generation_batch)
+
     def _compute_loss(self, model, inputs):
-        if not self.composition.has_loss_hooks:
+        if not self.composition.has_loss_hooks or self._plugin_skipped:
             return super()._compute_loss(model, inputs)
         from grpo_plugins_trl.loss import plugin_loss
 
@@ -411,48 +478,67 @@ class PluginGRPOTrainer(GRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, STATE_FILE)):
-            self.composition.load(os.path.join(checkpoint, STATE_FILE))
+        if checkpoint is None or self._plugin_passthrough:
+            return
+        # GRPOTrainer restarts its micro-step counter at 0, which regenerates at once and shifts every later
+        # generation batch (and its observe) off the optimiser steps of the original run. Restore it: a
+        # checkpoint taken inside a generation batch regenerates that batch's prompts and uses its remaining
+        # slices, and observe runs after the step that finishes the batch, as in the original run.
+        self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        path = os.path.join(checkpoint, STATE_FILE)
+        if os.path.exists(path):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise CompositionError(
+                    f"cannot read the methods' state file {path}: it is truncated or corrupt "
+                    f"({type(error).__name__}); resume from another checkpoint"
+                ) from error
+            self.composition.load_state_dict(state)
+            return
+        stateful = [e.name for e in self.composition.enabled if type(e.method).state_dict is not Method.state_dict]
+        if stateful and not getattr(self.args, "grpo_plugins_fresh_state", False):
+            raise CompositionError(
+                f"checkpoint {checkpoint} holds no {STATE_FILE} (written by a run without these methods, or "
+                f"deleted), so method(s) {stateful} would restart from fresh state and change the next losses. "
+                "Resume from a checkpoint of this run, or set grpo_plugins_fresh_state=True (PluginGRPOConfig) "
+                "to start their state fresh"
+            )
+        if stateful:
+            logger.warning("checkpoint %s holds no %s: method(s) %s start with fresh state", checkpoint, STATE_FILE, stateful)
 
 
 def _scale_name(scale_rewards: Any) -> str:
     """TRL's ``scale_rewards`` (``group``/``batch``/``none`` or a bool) as the ``grpo`` method's ``scale``."""
-    if scale_rewards is True:
-        return "group"
-    if scale_rewards is False:
-        return "none"
-    return str(scale_rewards)
+    return {True: "group", False: "none"}.get(scale_rewards, str(scale_rewards))
 
 
-def _check_supported(c: Composition, args: GRPOConfig) -> None:
-    """Start-up errors for TRL settings the enabled hooks cannot run with."""
-    if c.implements("allocate_rollouts") and args.use_vllm and args.vllm_mode == "server":
-        raise CompositionError(
-            f"method(s) {c.providers('allocate_rollouts')} set a variable number of completions per prompt "
-            "(hook 'allocate_rollouts'), which vLLM server mode cannot generate (it asks the server for "
-            "num_generations completions of every prompt); use vllm_mode='colocate' or use_vllm=False"
-        )
-    user_adv = any(
-        c.implements(h) and c.providers(h) != ["grpo"] for h in ("shape_rewards", "compute_advantages", "adjust_advantages")
-    )
-    if args.multi_objective_aggregation != "sum_then_normalize" and (user_adv or c.implements("allocate_rollouts")):
-        raise CompositionError(
-            "multi_objective_aggregation='normalize_then_sum' is TRL's own advantage estimator; it cannot be "
-            "combined with methods that shape rewards, compute or adjust advantages, or allocate rollouts"
-        )
-    if c.has_loss_hooks:
-        who = sorted({*c.providers("policy_surrogate"), *c.providers("gate_loss"), *c.providers("loss_terms")})
-        problems = []
-        if args.loss_type not in LOSS_HOOK_LOSS_TYPES:
-            problems.append(f"loss_type='{args.loss_type}' (supported: {', '.join(LOSS_HOOK_LOSS_TYPES)})")
-        if args.importance_sampling_level != "token":
-            problems.append(f"importance_sampling_level='{args.importance_sampling_level}'")
-        if args.off_policy_mask_threshold is not None:
-            problems.append("off_policy_mask_threshold")
-        if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
-            problems.append("an entropy bonus (entropy_coef / use_adaptive_entropy)")
-        if problems:
-            raise CompositionError(
-                f"method(s) {who} implement loss hooks, which this adapter runs only with TRL's token-level "
-                f"PPO-clip losses; unsupported here: {'; '.join(problems)}"
-            )
+def trl_capabilities(args: GRPOConfig, dataset: Any = None) -> TrainerCapabilities:
+    """What this adapter provides for a run with ``args`` (and ``dataset``), for the core's capability check."""
+    caps = TrainerCapabilities.standard(
+        "TRL GRPOTrainer",
+        settings=dict(
+            loss_aggregation=LOSS_AGGREGATION.get(args.loss_type, args.loss_type),
+            importance_sampling=args.importance_sampling_level,
+            on_policy=args.num_iterations == 1 and args.steps_per_generation == args.gradient_accumulation_steps,
+            group_size=args.num_generations,
+            reference_model=args.beta != 0.0,
+        ),
+        setting_names=dict(loss_aggregation="loss_type", importance_sampling="importance_sampling_level",
+                           on_policy="num_iterations / steps_per_generation", group_size="num_generations",
+                           reference_model="beta"),
+    ).with_columns(getattr(dataset, "column_names", None))
+    if args.use_vllm and args.vllm_mode == "server":  # it asks the server for num_generations of every prompt
+        caps = caps.without("variable_budgets", because="vllm_mode='server' (use vllm_mode='colocate' or use_vllm=False)")
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        caps = caps.without("advantage_hooks", "variable_budgets", because="multi_objective_aggregation="
+                            f"'{args.multi_objective_aggregation}' (TRL's own estimator; use 'sum_then_normalize')")
+    if args.loss_type not in LOSS_AGGREGATION:
+        caps = caps.without("token_loss", because=f"loss_type='{args.loss_type}' is unknown to the adapter's loss "
+                            f"(it reproduces {', '.join(LOSS_AGGREGATION)})")
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        caps = caps.without("prompt_selection", "variable_budgets", because="an IterableDataset train dataset "
+                            "(the adapter's sampler needs a map-style dataset)")
+    caps = statistics.with_statistics(objectives.with_objectives(caps, args), args)
+    return update_control.with_update_control(caps, args)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from grpo_plugins import GRPOBatch, Method, hookimpl
@@ -58,3 +59,68 @@ def test_resume_restores_method_state_and_continues_identically(tmp_path):
     full_losses, resumed_losses = losses(full), losses(resumed)
     assert [resumed_losses[s] for s in (3, 4)] == [full_losses[s] for s in (3, 4)]
     assert os.path.exists(tmp_path / "resumed" / "checkpoint-4" / STATE_FILE)
+
+
+def checkpoint_of_a_counter_run(tmp_path, **settings):
+    run = dict(max_steps=2, reward_funcs=digit_overlap_reward, save_strategy="steps", save_steps=2)
+    tiny_grpo_run([Counter()], output_dir=str(tmp_path / "first"), **{**run, **settings})
+    return tmp_path / "first" / "checkpoint-2"
+
+
+def test_resume_without_method_state_is_refused_unless_fresh_state_is_asked_for(tmp_path):
+    from grpo_plugins import CompositionError
+
+    checkpoint = checkpoint_of_a_counter_run(tmp_path)
+    os.remove(checkpoint / STATE_FILE)  # deleted, or a checkpoint of a run without these methods
+    resume = dict(max_steps=3, reward_funcs=digit_overlap_reward, resume_from_checkpoint=str(checkpoint))
+    with pytest.raises(CompositionError, match=f"holds no {STATE_FILE}.*'counter'.*grpo_plugins_fresh_state"):
+        tiny_grpo_run([Counter()], output_dir=str(tmp_path / "refused"), **resume)
+    fresh = Counter()
+    tiny_grpo_run([fresh], output_dir=str(tmp_path / "fresh"), grpo_plugins_fresh_state=True, **resume)
+    assert fresh.seen == 1  # started from 0 at step 2, as asked
+    # stateless methods lose nothing: no flag needed
+    tiny_grpo_run(["ngrpo"], output_dir=str(tmp_path / "stateless"), **resume)
+
+
+def test_a_corrupt_state_file_is_named(tmp_path):
+    from grpo_plugins import CompositionError
+
+    checkpoint = checkpoint_of_a_counter_run(tmp_path)
+    path = checkpoint / STATE_FILE
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    with pytest.raises(CompositionError, match=f"{path}.*truncated or corrupt") as caught:
+        tiny_grpo_run([Counter()], max_steps=3, reward_funcs=digit_overlap_reward, output_dir=str(tmp_path / "r"),
+                      resume_from_checkpoint=str(checkpoint))
+    assert "weights_only" not in str(caught.value)
+
+
+class StepCounter(Counter):
+    """A Counter that also records the optimiser step of every observe (not part of its state)."""
+
+    name = "counter"
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.steps: list[int] = []
+
+    @hookimpl
+    def observe(self, batch: GRPOBatch, step: int) -> None:
+        super().observe(batch, step)
+        self.steps.append(step)
+
+
+@pytest.mark.parametrize("resume_at", [1, 3])
+def test_a_checkpoint_inside_a_generation_batch_keeps_its_observe(tmp_path, resume_at):
+    # one generation batch spans two optimiser steps (steps_per_generation 4, gradient accumulation 2)
+    settings = dict(max_steps=4, reward_funcs=digit_overlap_reward, save_strategy="steps", save_steps=1,
+                    steps_per_generation=4, gradient_accumulation_steps=2)
+    full = StepCounter()
+    tiny_grpo_run([full], output_dir=str(tmp_path / "full"), **settings)
+    assert full.steps == [2, 4]
+    checkpoint = tmp_path / "full" / f"checkpoint-{resume_at}"
+    assert torch.load(checkpoint / STATE_FILE, weights_only=True)["counter"]["seen"] == resume_at // 2
+    resumed = StepCounter()
+    tiny_grpo_run([resumed], output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(checkpoint), **settings)
+    # the batch in flight at the checkpoint is regenerated and observed after the step that finishes it
+    assert resumed.seen == full.seen == 2
+    assert resumed.steps == [s for s in full.steps if s > resume_at]

@@ -42,8 +42,9 @@ def test_two_processes_share_one_global_batch(tmp_path):
     assert len(rank0["rounds"]) >= 2
     assert all(torch.equal(a, b) for a, b in zip(rank0["rounds"], rank1["rounds"], strict=True))
     assert all(bool((r % 2 == 0).all()) for r in rank0["rounds"])  # drawn by sample_prompts
-    # the token mask's token count is global: one kept token per completion, 16 completions
-    assert rank0["num_items"] == rank1["num_items"] == [16, 16]
+    # mask_tokens weights never change the normaliser: TRL's global token count of the completion masks
+    global_tokens = [int(b["completion_mask"].sum()) for b in rank0["batches"]]
+    assert rank0["num_items"] == rank1["num_items"] == global_tokens and min(global_tokens) > 16
 
     assert len(rank0["batches"]) == len(rank1["batches"]) == 2
     for b0, b1, l0, l1 in zip(rank0["batches"], rank1["batches"], rank0["local_advantages"], rank1["local_advantages"]):
@@ -64,5 +65,6 @@ def test_two_processes_share_one_global_batch(tmp_path):
         centred = rewards - torch.stack([means[int(p)] for p in ids])
         expected = centred / (rewards.std() + 1e-4)
         torch.testing.assert_close(b0["advantages"].double(), expected, rtol=1e-5, atol=1e-6)
-        # each rank trains on its own slice of the global advantages
-        assert torch.equal(l0, b0["advantages"][:8]) and torch.equal(l1, b0["advantages"][8:])
+        # each rank trains on its own slice of the global advantages, times the token weights (first token only)
+        for local, rows in ((l0, slice(0, 8)), (l1, slice(8, 16))):
+            assert torch.equal(local[:, 0], b0["advantages"][rows]) and not bool(local[:, 1:].any())

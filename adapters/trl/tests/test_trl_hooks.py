@@ -11,7 +11,9 @@ from trl import GRPOTrainer
 
 from grpo_plugins import CompositionError, GRPOBatch, LossInputs, Method, PluginError, PromptRound, hookimpl
 from grpo_plugins_trl import PluginGRPOTrainer
-from grpo_plugins_trl.testing import GradientRecorder, digit_overlap_reward, exact_answer_reward, tiny_grpo_run
+from grpo_plugins_trl.testing import (
+    GradientRecorder, arithmetic_dataset, digit_overlap_reward, exact_answer_reward, tiny_grpo_run,
+)
 
 
 class Recorder(Method):
@@ -115,7 +117,7 @@ def test_allocate_rollouts_variable_groups_use_true_groups():
 
 
 def test_allocate_rollouts_rejects_vllm_server_mode():
-    with pytest.raises(CompositionError, match="vLLM server mode"):
+    with pytest.raises(CompositionError, match="'uneven_budget' needs trainer feature 'variable_budgets'.*vllm_mode='server'"):
         tiny_grpo_run([UnevenBudget()], train=False, use_vllm=True, vllm_mode="server")
 
 
@@ -215,14 +217,20 @@ class HalfWeight(Method):
         return 0.5 * torch.ones_like(batch.token_mask)
 
 
-def test_binary_mask_is_loss_only_and_renormalises():
+def test_zero_weights_keep_the_normaliser_and_the_attention_mask():
+    """mask_tokens weights multiply the policy loss; the token count (TRL's num_items_in_batch) and the
+    attention mask stay the completion mask's (weight 0 is not a keep-mask)."""
     trainer = tiny_grpo_run([OnesAdvantage(), FirstTokenOnly()], max_steps=2, loss_type="dapo")
-    assert losses(trainer) == pytest.approx([-1.0, -1.0], abs=1e-6)  # the token count follows the mask
     for micro in trainer._buffered_inputs:
-        assert micro["tool_mask"].sum(1).tolist() == [1] * micro["tool_mask"].shape[0]
-        assert micro["completion_mask"].sum() > micro["tool_mask"].sum()  # attention mask untouched
-        assert int(micro["num_items_in_batch"]) == 8
-        assert micro["advantages"].dim() == 1
+        assert "tool_mask" not in micro
+        assert int(micro["num_items_in_batch"]) == int(trainer.last_plugin_batch.completion_mask.sum())
+        kept = micro["advantages"] * micro["completion_mask"]
+        assert kept[:, 0].tolist() == [1.0] * kept.shape[0] and not bool(kept[:, 1:].any())
+    # dapo, on-policy, A = 1: loss = -(kept tokens) / (all tokens) of the generation batch
+    batch = trainer.last_plugin_batch
+    expected = -batch.completion_mask[:, 0].sum() / batch.completion_mask.sum()
+    assert losses(trainer)[-1] == pytest.approx(float(expected), abs=1e-6)
+    assert losses(trainer)[-1] > -1.0
 
 
 def test_weighted_mask_folds_into_token_advantages():
@@ -389,8 +397,17 @@ def test_bad_plugin_output_stops_the_step(plugin, hook, problem):
 
 
 def test_startup_errors():
-    with pytest.raises(CompositionError, match="loss_type='cispo'"):
-        tiny_grpo_run([HalveRows()], train=False, loss_type="cispo")
+    # every problem of the trainer settings at once, each naming the method, the need and the setting
+    with pytest.raises(CompositionError, match="2 problems") as caught:
+        tiny_grpo_run(["ngrpo", UnevenBudget()], train=False, use_vllm=True, vllm_mode="server",
+                      multi_objective_aggregation="normalize_then_sum")
+    assert "'ngrpo' needs trainer feature 'advantage_hooks'" in str(caught.value)
+    assert "'uneven_budget' needs trainer feature 'variable_budgets'" in str(caught.value)
+    with pytest.raises(CompositionError, match="'ngrpo' needs trainer feature 'advantage_hooks'.*normalize_then_sum"):
+        tiny_grpo_run(["ngrpo"], train=False, multi_objective_aggregation="normalize_then_sum")
+    streamed = arithmetic_dataset(32).to_iterable_dataset()
+    with pytest.raises(CompositionError, match="'uneven_budget' needs trainer feature 'variable_budgets'.*IterableDataset"):
+        tiny_grpo_run([UnevenBudget()], train=False, dataset=streamed)
     with pytest.raises(CompositionError, match="no_such_method"):
         tiny_grpo_run(["no_such_method"], train=False)
     with pytest.raises(CompositionError, match="not both"):

@@ -20,11 +20,11 @@ class Recorder(Method):
 
     def __init__(self, needs=()):
         super().__init__()
-        self.needs = set(needs)
+        self.fields = set(needs)
         self.batches: list[GRPOBatch] = []
 
     def requires(self) -> set[str]:
-        return self.needs
+        return self.fields
 
     @hookimpl
     def observe(self, batch: GRPOBatch) -> None:
@@ -53,8 +53,9 @@ def test_methods_declare_the_old_log_probs_they_need():
     assert Composition(["unlikeliness"]).required_fields() == {"old_log_probs"}
     assert Composition(["spo"]).required_fields() == {"old_log_probs"}
     assert Composition([{"spo": {"rho_mode": "constant"}}]).required_fields() == set()
-    assert Composition([{"gtpo": {"entropy_source": "sampled"}}]).required_fields() == {"old_log_probs"}
-    assert Composition(["gtpo"]).required_fields() == set()  # 'auto' falls back to the policy's entropy
+    # gtpo always reads the completion ids (conflict tokens); the old log-probs only for 'sampled' entropy
+    assert Composition([{"gtpo": {"entropy_source": "sampled"}}]).required_fields() == {"old_log_probs", "completion_ids"}
+    assert Composition(["gtpo"]).required_fields() == {"completion_ids"}  # 'auto' falls back to the policy's entropy
 
 
 # --------------------------------------------------------------------------- run length

@@ -24,8 +24,10 @@ import torch
 
 from grpo_plugins import BatchError, CompositionError, GRPOBatch, ParallelContext
 
+from grpo_plugins_verl.capabilities import check_run
+from grpo_plugins_verl.extras import fit_width
 from grpo_plugins_verl.runtime import Runtime, get_runtime
-from grpo_plugins_verl.settings import REFERENCE_HINT, TRAINER_HOOKS
+from grpo_plugins_verl.settings import REFERENCE_HINT
 
 logger = logging.getLogger("grpo_plugins_verl")
 _WARNED: set[tuple[str, ...]] = set()
@@ -52,60 +54,49 @@ def warn_row_data_once(keys: list[str]) -> None:
         )
 
 
-def fit_width(value: torch.Tensor, width: int) -> torch.Tensor:
-    """``(B, T')`` right-padded response tensor cut or zero-padded to ``(B, width)`` (only padding changes)."""
-    if value.shape[1] >= width:
-        return value[:, :width]
-    return torch.nn.functional.pad(value, (0, width - value.shape[1]))
-
-
 def extra_fields(extras: dict | None, rows: torch.Tensor, response_mask: torch.Tensor) -> dict[str, Any]:
     """``GRPOBatch`` keyword fields from the trainer's per-row ``extras`` (all ``B`` rows), kept to ``rows``."""
-    if not extras:
-        return {}
     fields: dict[str, Any] = {}
-    for name in ("completion_ids", "old_log_probs", "ref_log_probs"):
-        if name in extras:
-            value = extras[name]
+    for name, value in (extras or {}).items():
+        if isinstance(value, torch.Tensor) and name != "reward_weights":
             if value.shape[0] != response_mask.shape[0]:
-                raise BatchError(
-                    f"the trainer's {name} has {value.shape[0]} rows but verl's batch {response_mask.shape[0]}; "
-                    "the advantage-stage rows are misaligned"
-                )
-            fields[name] = fit_width(value.to(response_mask.device), response_mask.shape[1])[rows]
-    if "reward_components" in extras:
-        components = extras["reward_components"]
-        if components.shape[0] != response_mask.shape[0]:
-            raise BatchError(
-                f"the trainer's reward components have {components.shape[0]} rows, verl's batch {response_mask.shape[0]}"
-            )
-        fields["reward_components"] = components.to(response_mask.device)[rows]
-        fields["reward_names"] = tuple(extras["reward_names"])
-        if "reward_weights" in extras:
-            fields["reward_weights"] = extras["reward_weights"].to(response_mask.device)
-    for name in ("prompts", "completions"):
-        if name in extras:
-            fields[name] = [extras[name][i] for i in rows.tolist()]
+                raise BatchError(f"the trainer's {name} has {value.shape[0]} rows but verl's batch "
+                                 f"{response_mask.shape[0]}; the advantage-stage rows are misaligned")
+            value = value.to(response_mask.device)
+            fields[name] = (fit_width(value, response_mask.shape[1]) if value.dim() == 2 and name != "reward_components"
+                            else value)[rows]
+        elif isinstance(value, list):  # prompts, completions
+            fields[name] = [value[i] for i in rows.tolist()]
+        else:  # reward_names, reward_weights
+            fields[name] = value.to(response_mask.device) if isinstance(value, torch.Tensor) else tuple(value)
     return fields
 
 
-def check_required(runtime: Runtime, batch: GRPOBatch) -> None:
-    """Fill ``rows`` if a method requires them, and fail clearly if a required field is missing."""
+def check_required(runtime: Runtime, batch: GRPOBatch, uids: np.ndarray) -> None:
+    """Fill ``rows`` if a method requires them, and fail clearly if a required field is missing (the
+    capability check refuses such runs at start-up; this guards the trainer's fetch)."""
     composition = runtime.composition
     required = composition.required_fields()
     if "rows" in required and batch.rows is None and runtime.rows_for is not None:
-        batch.rows = runtime.rows_for(batch.prompt_ids.tolist())
+        batch.rows = runtime.rows_for(runtime.dataset_indices(uids))
     missing = sorted(name for name in required if getattr(batch, name) is None)
-    if not missing:
-        return
-    details = []
-    for name in missing:
-        if name == "ref_log_probs":
-            how = REFERENCE_HINT + ", and trainer.v1.trainer_mode=grpo_plugins"
-        else:
-            how = "the grpo_plugins trainer provides it: trainer.v1.trainer_mode=grpo_plugins"
-        details.append(f"{name} (required by {composition.requirers(name)}; {how})")
-    raise CompositionError("the verl batch lacks " + "; ".join(details))
+    if missing:
+        how = {"ref_log_probs": REFERENCE_HINT + ", and trainer.v1.trainer_mode=grpo_plugins"}
+        raise CompositionError("the verl batch lacks " + "; ".join(
+            f"{name} (required by {composition.requirers(name)}; "
+            f"{how.get(name, 'the grpo_plugins trainer provides it: trainer.v1.trainer_mode=grpo_plugins')})"
+            for name in missing
+        ))
+
+
+def skip_batch(runtime: Runtime, token_level_rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch without a response token: as verl's ``grpo`` gives it, zero advantages; the methods skip it
+    (no advantage stage, no ``observe``), and the trainer logs ``plugins/skipped_empty_batches``."""
+    logger.warning("every completion of the batch is masked: the grpo_plugins methods skip it (zero advantages)")
+    runtime.skipped += 1
+    runtime.last_batch = runtime.last_rows = None
+    zeros = torch.zeros_like(token_level_rewards)
+    return zeros, zeros
 
 
 def compute_grpo_plugins_advantage(
@@ -131,20 +122,19 @@ def compute_grpo_plugins_advantage(
         raise BatchError("the grpo_plugins estimator needs verl's 'uid' column to form prompt groups")
     runtime = get_runtime(config)
     composition = runtime.composition
-    unserved = [hook for hook in TRAINER_HOOKS if composition.implements(hook)]
-    if unserved and not runtime.trainer_attached:
-        methods = sorted({m for hook in unserved for m in composition.providers(hook)})
-        raise CompositionError(
-            f"methods {methods} implement {unserved}, which only the grpo_plugins trainer runs: set "
-            "trainer.v1.trainer_mode=grpo_plugins (python -m grpo_plugins_verl.main does)"
-        )
+    if not runtime.trainer_attached and not runtime.checked:
+        check_run(composition)  # verl's own trainer: what the methods need must not depend on the trainer
+        runtime.checked = True
     with torch.no_grad():
         index = np.asarray(index, dtype=object)
         real = ~padding_rows(index, response_mask)
         rows = real.nonzero().flatten().to(token_level_rewards.device)
         mask = response_mask[rows]
+        if not bool(mask.any()):  # every completion masked (e.g. verl's rollout rejection sampling)
+            return skip_batch(runtime, token_level_rewards)
+        uids = index[real.numpy()]
         batch = GRPOBatch(
-            prompt_ids=runtime.ids_for(index[real.numpy()]),
+            prompt_ids=runtime.ids_for(uids),
             rewards=token_level_rewards.sum(dim=-1)[rows],
             completion_mask=mask.to(token_level_rewards.dtype),
             step=runtime.step,
@@ -152,15 +142,15 @@ def compute_grpo_plugins_advantage(
             parallel=ParallelContext(gathered=True),
             **extra_fields(runtime.extras, rows, response_mask),
         )
-        check_required(runtime, batch)
+        check_required(runtime, batch, uids)
         composition.run_advantage_stage(batch)
-        if batch.row_data and composition.has_loss_hooks:
+        if batch.row_data and composition.has_loss_hooks and not runtime.loss_installed:
             warn_row_data_once(sorted(batch.row_data))
         advantages = batch.advantages
         per_token = advantages.unsqueeze(-1) * mask if advantages.dim() == 1 else advantages * mask
-        if batch.token_weights is not None:
-            per_token = per_token * batch.token_weights
+        if batch.token_weights is not None and not runtime.loss_installed:
+            per_token = per_token * batch.token_weights  # exact for verl's clipped loss (w >= 0)
         out = per_token.new_zeros((response_mask.shape[0], response_mask.shape[1]))
         out[rows] = per_token
-    runtime.last_batch = batch
+    runtime.last_batch, runtime.last_rows = batch, rows
     return out, out

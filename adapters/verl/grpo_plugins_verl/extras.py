@@ -13,12 +13,25 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-TOKEN_FIELDS = {"responses": "completion_ids", "old_log_probs": "old_log_probs", "ref_log_prob": "ref_log_probs"}
+TOKEN_FIELDS = {"responses": "completion_ids", "old_log_probs": "old_log_probs", "ref_log_prob": "ref_log_probs",
+                "entropy": "old_entropies"}
 """TransferQueue field -> ``GRPOBatch`` field, for the ``(B, T)`` response-aligned tensors."""
 ROW_FIELDS = ("extra_fields", "raw_prompt")
 """TransferQueue fields read per row: reward-function extra info and the chat prompt."""
 TOTAL_KEY = "score"
 """``reward_extra_info`` entry holding verl's total reward (not a component)."""
+
+
+def fit_width(value: torch.Tensor, width: int) -> torch.Tensor:
+    """A nested ``(B, j)`` or right-padded ``(B, T')`` response tensor as ``(B, width)``: cut or zero-padded
+    (only padding changes); a ``(B,)`` tensor as it is."""
+    if value.is_nested:
+        value = value.to_padded_tensor(0.0)
+    if value.dim() < 2:
+        return value
+    if value.shape[1] >= width:
+        return value[:, :width]
+    return torch.nn.functional.pad(value, (0, width - value.shape[1]))
 
 
 def _plain(value: Any) -> Any:
@@ -53,7 +66,8 @@ def batch_extras(
 ) -> dict[str, Any]:
     """``GRPOBatch`` fields from a TransferQueue ``TensorDict`` of the advantage-stage rows.
 
-    Returns a dict with any of ``completion_ids``/``old_log_probs``/``ref_log_probs`` ``(B, T)``,
+    Returns a dict with any of ``completion_ids``/``old_log_probs``/``ref_log_probs``/``old_entropies``
+    (the old-log-prob pass's token entropies) ``(B, T)``,
     ``reward_components`` ``(B, K)`` + ``reward_names`` (+ ``reward_weights`` ``(K,)`` when given,
     in the order of ``reward_keys``), ``prompts`` (``B`` chat prompts) and, with a ``tokenizer``,
     ``completions`` (``B`` decoded responses, special tokens dropped).

@@ -1,6 +1,6 @@
 """``python -m grpo_plugins_verl.main``: verl's ``main_ppo`` with one switch for grpo-plugins.
 
-Takes every ``verl.trainer.main_ppo`` override plus ``+grpo_plugins='[spo, {gtpo: {beta: 0.1}}]'``
+Takes every ``verl.trainer.main_ppo`` override plus ``+grpo_plugins='[knapsack_rl, {sapo: {tau_neg: 1.05}}]'``
 and, before verl starts Ray:
 
 - checks the method list on the driver (a method that fails to import or configure stops here);
@@ -22,23 +22,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from grpo_plugins import CompositionError
-
-from grpo_plugins_verl.runtime import build_composition
-from grpo_plugins_verl.settings import (
-    CONFIG_KEY,
-    ENV_VAR,
-    NAME,
-    REFERENCE_HINT,
-    TRAINER_HOOKS,
-    encode_methods,
-    grpo_defaults,
-    methods_from,
-    parse_methods,
-)
+from grpo_plugins_verl.capabilities import check_run
+from grpo_plugins_verl.settings import CONFIG_KEY, ENV_VAR, NAME, encode_methods, methods_from, parse_methods
 
 logger = logging.getLogger("grpo_plugins_verl")
-LOSS_HOOKS = ("policy_surrogate", "gate_loss", "loss_terms")
 
 
 def prepare_config(config: DictConfig) -> DictConfig:
@@ -48,50 +35,30 @@ def prepare_config(config: DictConfig) -> DictConfig:
     else ``GRPO_PLUGINS_VERL``.
 
     Raises:
-        CompositionError: a method cannot be loaded or configured, or the config asks for a verl
-            setting the enabled methods cannot run with (legacy trainer, another estimator, a loss
-            mode other than ``vanilla`` together with loss hooks, an async trainer with round hooks).
+        CompositionError: what :func:`grpo_plugins_verl.checks.checked_composition` refuses (a method
+            that cannot be loaded or configured, a verl setting the methods cannot run with: every
+            problem at once), then every need the run's verl settings do not provide
+            (:mod:`grpo_plugins_verl.capabilities`).
     """
+    from grpo_plugins_verl.checks import checked_composition
+
     raw = config.get(CONFIG_KEY, None)
     methods = parse_methods(raw) if raw is not None else methods_from(config.algorithm)
-    composition = build_composition(methods, grpo_defaults(config.algorithm))
-    if not config.trainer.get("use_v1", True):
-        raise CompositionError("grpo_plugins runs on verl's V1 trainer; remove trainer.use_v1=False")
-    estimator = str(config.algorithm.adv_estimator)
-    if estimator == "gae":  # verl's default; a GRPO run has no critic
+    composition = checked_composition(config, methods)  # what ``grpo-plugins check`` reports
+    check_run(composition, config)
+    if str(config.algorithm.adv_estimator) == "gae":  # verl's default; a GRPO run has no critic
         logger.warning("algorithm.adv_estimator=gae (verl's default) is replaced by grpo_plugins (GRPO, no critic)")
-    elif estimator not in ("grpo", NAME):
-        raise CompositionError(
-            f"algorithm.adv_estimator={estimator}: grpo_plugins computes the advantages itself (default: GRPO); "
-            "leave it at grpo (or verl's default) or drop +grpo_plugins"
-        )
     actor = config.actor_rollout_ref.actor
     loss_mode = str(actor.policy_loss.get("loss_mode", "vanilla"))
-    if loss_mode not in ("vanilla", NAME) and composition.has_loss_hooks:
-        changers = sorted({m for hook in LOSS_HOOKS for m in composition.providers(hook)})
-        raise CompositionError(
-            f"actor.policy_loss.loss_mode={loss_mode}: methods {changers} change the loss on top of verl's "
-            "vanilla PPO loss; use loss_mode=vanilla (or grpo_plugins)"
-        )
     mode = str(config.trainer.v1.get("trainer_mode", "sync"))
-    round_hooks = [hook for hook in TRAINER_HOOKS if composition.implements(hook)]
-    if mode not in ("sync", NAME) and (round_hooks or composition.state_dict()):
-        raise CompositionError(
-            f"trainer.v1.trainer_mode={mode}: methods implementing {round_hooks} (or keeping state) need the "
-            f"grpo_plugins sync trainer; use trainer.v1.trainer_mode=sync"
-        )
-    needs_reference = composition.requirers("ref_log_probs")
-    if needs_reference:
-        from verl.trainer.ppo.utils import need_reference_policy
-
-        if not need_reference_policy(config):
-            raise CompositionError(f"methods {needs_reference} require ref_log_probs: {REFERENCE_HINT}")
     encoded = encode_methods(methods)
     with open_dict(config):
         config.algorithm.adv_estimator = NAME
         config.algorithm[CONFIG_KEY] = methods
         if loss_mode == "vanilla":
             actor.policy_loss.loss_mode = NAME
+        if composition.has_loss_hooks:
+            actor.calculate_entropy = True  # LossInputs.entropies, as on TRL
         if mode == "sync":
             config.trainer.v1.trainer_mode = NAME
         OmegaConf.update(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{ENV_VAR}", encoded, force_add=True)

@@ -56,8 +56,10 @@ class Runtime:
     Attributes:
         composition: the enabled methods.
         step: optimiser steps taken so far (set by the trainer before each advantage stage).
-        prompt_ids: ``uid -> dataset index`` of the prompts the trainer submitted (uids are verl's
-            per-round prompt-group ids).
+        prompt_ids: ``uid -> prompt id`` of the prompts the trainer submitted (uids are verl's
+            per-round prompt-group ids): the row's ``prompt_id`` column when the dataset has one, else
+            its dataset index.
+        dataset_index: ``uid -> dataset index`` of the same prompts (to read their dataset rows).
         last_batch: the ``GRPOBatch`` of the latest advantage stage, for ``observe``.
         extras: per-row data the trainer fetched for the coming advantage stage, in verl's row
             order (see :func:`grpo_plugins_verl.extras.batch_extras`); None outside it.
@@ -66,6 +68,11 @@ class Runtime:
         total_steps: the run's optimiser steps (verl's ``total_training_steps``), set by the trainer.
         rows_for: ``prompt ids -> dataset rows``, set by the trainer (fills ``GRPOBatch.rows`` for
             methods that require them).
+        loss_installed: whether the trainer installed :func:`~grpo_plugins_verl.loss.grpo_plugins_ppo_loss`
+            on the actor workers (it carries ``row_data`` and the token weights to the loss itself).
+        last_rows: ``(N,)`` verl row of each ``last_batch`` completion (verl's padding rows left out).
+        checked: whether the estimator has run the capability check of a run without the trainer.
+        skipped: batches skipped since the trainer last logged them (every completion masked).
     """
 
     composition: Composition
@@ -76,12 +83,21 @@ class Runtime:
     trainer_attached: bool = False
     total_steps: int | None = None
     rows_for: Callable[[list[int]], list[dict]] | None = None
+    loss_installed: bool = False
+    last_rows: torch.Tensor | None = None
+    dataset_index: dict[str, int] = field(default_factory=dict)
+    checked: bool = False
+    skipped: int = 0
+
+    def dataset_indices(self, uids: np.ndarray) -> list[int]:
+        """Dataset index of each row whose verl ``uid`` is ``uids`` ``(N,)``."""
+        return [self.dataset_index[uid] for uid in np.asarray(uids).astype(str).tolist()]
 
     def ids_for(self, uids: np.ndarray) -> torch.Tensor:
         """``(N,)`` int64 prompt ids of the rows whose verl ``uid`` is ``uids`` ``(N,)``.
 
-        Uids the trainer registered map to their dataset index (so two uids of one dataset prompt
-        form one group, as everywhere in grpo-plugins); otherwise (verl's own trainer) each distinct
+        Uids the trainer registered map to their prompt id (so two uids of one prompt form one
+        group, as everywhere in grpo-plugins); otherwise (verl's own trainer) each distinct
         uid gets a dense id in order of first appearance. Python work is per group, not per row.
         """
         unique, first, inverse = np.unique(np.asarray(uids).astype(str), return_index=True, return_inverse=True)
@@ -107,6 +123,12 @@ def configure(methods: Sequence[Any] | None) -> None:
     global _OVERRIDE
     with _LOCK:
         _OVERRIDE = None if methods is None else list(methods)
+        _RUNTIMES.clear()
+
+
+def clear_cache() -> None:
+    """Drop this process's cached runtimes: the next run here starts its methods from fresh state."""
+    with _LOCK:
         _RUNTIMES.clear()
 
 

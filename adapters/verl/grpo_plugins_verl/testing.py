@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 import textwrap
 from pathlib import Path
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -79,3 +80,152 @@ def isolate(monkeypatch) -> None:
     monkeypatch.setenv(ENV_VAR, "")
     monkeypatch.delenv(ENV_VAR)
     configure(None)
+
+
+def run_config(*overrides: str) -> Any:
+    """verl's ``ppo_trainer`` config composed with ``overrides`` (as ``python -m grpo_plugins_verl.main`` does)."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        return compose(config_name="ppo_trainer", overrides=list(overrides))
+
+
+@dataclass
+class VerlLossOnBatch:
+    """What :func:`verl_loss_on_batch` returns (the verl half of a cross-adapter check).
+
+    Attributes:
+        advantages: ``(N, T)`` the advantage stage's advantages as verl stores them (0 on padding).
+        token_weights: ``(N, T)`` the ``mask_tokens`` weights, or None.
+        per_token_loss: ``(N, T)`` policy loss x token weights + the methods' terms, 0 on padding.
+        loss: the scalar the actor backpropagates.
+        grad: ``(N, T)`` gradient of ``loss`` with respect to the current log-probs, 0 on padding.
+    """
+
+    advantages: torch.Tensor
+    token_weights: torch.Tensor | None
+    per_token_loss: torch.Tensor
+    loss: torch.Tensor
+    grad: torch.Tensor
+
+
+def verl_loss_on_batch(
+    plugins: Any,
+    *,
+    prompt_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    entropies: torch.Tensor | None = None,
+    ref_log_probs: torch.Tensor | None = None,
+    reward_components: torch.Tensor | None = None,
+    reward_names: Sequence[str] = (),
+    prompts: list | None = None,
+    completions: list | None = None,
+    rows: list[dict] | None = None,
+    old_entropies: torch.Tensor | None = None,
+    total_steps: int | None = None,
+    loss_agg_mode: str = "token-mean",
+    **actor_fields: Any,
+) -> VerlLossOnBatch:
+    """One fixed generation batch through the verl adapter's estimator (as the ``grpo_plugins`` trainer
+    runs it, with the fields it fetches) and the actor loss it installs (one micro-batch, in the
+    engine's layout), with the model's log-probs replaced by ``log_probs``.
+
+    Arguments as :func:`grpo_plugins_trl.testing.trl_loss_on_batch` (``completion_mask`` right-padded,
+    every completion at least one token); ``old_entropies`` ``(N, T)`` are the old-log-prob pass's token
+    entropies (``GRPOBatch.old_entropies``); ``loss_agg_mode`` and ``actor_fields`` configure verl's
+    ``ActorConfig``.
+
+    Raises:
+        CompositionError: the trainer's start-up capability check refuses the methods for this run
+            (``rollout.n`` = the largest group, the ``rows``' columns, a reference model when
+            ``ref_log_probs`` is given).
+    """
+    from omegaconf import OmegaConf
+    from verl.utils import tensordict_utils as tu
+
+    import grpo_plugins_verl.loss as verl_loss
+    from grpo_plugins_verl.advantage import compute_grpo_plugins_advantage
+    from grpo_plugins_verl.capabilities import check_run
+    from grpo_plugins_verl.runtime import configure, get_runtime
+    from grpo_plugins_verl.settings import NAME
+
+    n, t = completion_mask.shape
+    mask = completion_mask.bool()
+    lengths = mask.sum(1)
+    configure(plugins)
+    runtime = get_runtime(OmegaConf.create({}))
+    runtime.trainer_attached = runtime.loss_installed = True
+    runtime.total_steps = total_steps
+    uids = np.array([f"prompt-{int(i)}" for i in prompt_ids], dtype=object)
+    runtime.prompt_ids.update({uid: int(i) for uid, i in zip(uids, prompt_ids)})
+    runtime.dataset_index.update({uid: row for row, uid in enumerate(uids)})  # one dataset row per completion
+    runtime.rows_for = lambda indices: [(rows or [{}] * n)[i] for i in indices]
+    extras: dict[str, Any] = {"completion_ids": completion_ids, "old_log_probs": old_log_probs,
+                              "prompts": prompts or [""] * n, "completions": completions or [""] * n}
+    if ref_log_probs is not None:
+        extras["ref_log_probs"] = ref_log_probs
+    if old_entropies is not None:
+        extras["old_entropies"] = old_entropies
+    if reward_components is not None:
+        extras.update(reward_components=reward_components.float(), reward_names=tuple(reward_names))
+    runtime.extras = extras
+    _, sizes = torch.unique(prompt_ids, return_counts=True)
+    checked = run_config(f"actor_rollout_ref.actor.loss_agg_mode={loss_agg_mode}", f"actor_rollout_ref.rollout.n={int(sizes.max())}",
+                         f"data.train_batch_size={sizes.numel()}", f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes.numel()}",
+                         *(("actor_rollout_ref.actor.use_kl_loss=True",) if ref_log_probs is not None else ()))
+    check_run(runtime.composition, checked, columns=list(rows[0]) if rows else None)  # the trainer's start-up check
+    token_rewards = torch.zeros(n, t)
+    token_rewards[torch.arange(n), lengths - 1] = rewards.float()  # verl's score on the last response token
+    advantages, _ = compute_grpo_plugins_advantage(token_rewards, mask.long(), uids, OmegaConf.create({}))
+    runtime.extras = None
+    stage = runtime.last_batch
+
+    prompt_len = 2
+    fields = {
+        "prompts": torch.ones(n, prompt_len, dtype=torch.long), "responses": completion_ids.long(),
+        "attention_mask": torch.cat([torch.ones(n, prompt_len, dtype=torch.long), mask.long()], 1),
+        "response_mask": mask.long(), "old_log_probs": old_log_probs, "advantages": advantages,
+        **{verl_loss.ROW_PREFIX + key: value for key, value in stage.row_data.items()},
+    }
+    if stage.token_weights is not None:
+        fields[verl_loss.TOKEN_WEIGHTS] = stage.token_weights
+    if ref_log_probs is not None:
+        fields["ref_log_prob"] = ref_log_probs
+    info = {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": n, verl_loss.STEP: stage.step}
+    data = tu.get_tensordict(fields, non_tensor_dict=info)
+    current = log_probs.detach().clone().requires_grad_(True)
+
+    def flat(values: torch.Tensor) -> torch.Tensor:  # the engine's layout: the prompt's last token scores token 0
+        pieces = []
+        for i in range(n):
+            pieces += [values.new_zeros(prompt_len - 1), values[i, : int(lengths[i])], values.new_zeros(1)]
+        return torch.cat(pieces)
+
+    model_output = {"log_probs": flat(current)}
+    if entropies is not None:
+        model_output["entropy"] = flat(entropies)
+    config = actor_config(NAME, loss_agg_mode, **actor_fields)
+    recorded: list[torch.Tensor] = []
+    aggregate = verl_loss.agg_loss
+
+    def recording_agg_loss(loss_mat, **kwargs):  # the policy loss first, then each term, entropy, KL
+        recorded.append(loss_mat.detach())
+        return aggregate(loss_mat=loss_mat, **kwargs)
+
+    verl_loss.agg_loss = recording_agg_loss
+    try:
+        loss, _ = verl_loss.grpo_plugins_ppo_loss(config, model_output, data)
+    finally:
+        verl_loss.agg_loss = aggregate
+    loss.backward()
+    terms = len(recorded) - 1 - (entropies is not None) - bool(config.use_kl_loss)
+    per_token = recorded[0] + sum(recorded[1 : 1 + terms], torch.zeros_like(recorded[0]))
+    return VerlLossOnBatch(
+        advantages=torch.where(mask, advantages, 0.0), token_weights=stage.token_weights,
+        per_token_loss=torch.where(mask, per_token, 0.0), loss=loss.detach(), grad=torch.where(mask, current.grad, 0.0),
+    )
+

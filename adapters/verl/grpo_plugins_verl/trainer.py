@@ -6,8 +6,8 @@
 - each dataloader fetch becomes a planned round: ``sample_prompts`` picks the dataset indices (or
   verl's dataloader does; any number ``P'`` of them, and verl's replay buffer is then asked for
   ``P'`` groups), ``augment_prompts`` rewrites ``raw_prompt``, the rollout counts set verl's
-  per-prompt column ``__rollout_n__``; every verl ``uid`` is mapped to its dataset index so the
-  advantage stage groups by prompt id;
+  per-prompt column ``__rollout_n__``; every verl ``uid`` is mapped to its prompt id (the
+  dataset's ``prompt_id`` column, else the row's dataset index) so the advantage stage groups by it;
 - before verl's advantage step, the rows' completion tokens, old/reference log-probs, prompts and
   ``reward_extra_info`` scores are fetched from TransferQueue for the methods
   (:mod:`grpo_plugins_verl.extras`), and the stage's metrics go into verl's step metrics;
@@ -26,25 +26,31 @@ import os
 import uuid
 from typing import Any, Callable
 
+from functools import partial
+
 import numpy as np
 import torch
 import transfer_queue as tq
+from tensordict import TensorDict
 from omegaconf import open_dict
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils import tensordict_utils as tu
 from verl.utils.dataset.rl_dataset import collate_fn
+from verl.workers.utils.padding import response_to_nested
 
 from grpo_plugins import Composition, CompositionError, PromptRound
 
+from grpo_plugins_verl.capabilities import check_run
 from grpo_plugins_verl.extras import ROW_FIELDS, batch_extras
+from grpo_plugins_verl.loss import ROW_PREFIX, STEP, TOKEN_WEIGHTS, grpo_plugins_ppo_loss
 from grpo_plugins_verl.runtime import Runtime, get_runtime
-from grpo_plugins_verl.settings import NAME, REFERENCE_HINT
+from grpo_plugins_verl.settings import NAME
 
 logger = logging.getLogger("grpo_plugins_verl")
 
-PROMPT_ID_KEY = "__grpo_prompt_id__"
+INDEX_KEY = "__grpo_dataset_index__"
 """Column the adapter adds to dataset rows: the row's dataset index (removed before generation)."""
 ROLLOUT_N_KEY = "__rollout_n__"
 """verl's per-prompt rollout-count column (``agent_loop_tq._run_prompt``)."""
@@ -52,12 +58,16 @@ REWARD_KEYS = "grpo_plugins_reward_keys"
 """``algorithm`` key naming the ``reward_extra_info`` entries that form ``GRPOBatch.reward_components``."""
 REWARD_WEIGHTS = "grpo_plugins_reward_weights"
 """``algorithm`` key with the weights of those components (``GRPOBatch.reward_weights``), same order."""
+PROMPT_ID_COLUMN = "prompt_id"
+"""Dataset column that, when present, keys the groups (rows sharing it form one group), as on TRL."""
+SKIPPED_METRIC = "plugins/skipped_empty_batches"
+"""Step metric: batches the methods skipped because every completion was masked."""
 STATE_FILE = "grpo_plugins.pt"
 """File of the plugin state inside verl's ``global_step_<n>`` checkpoint folder."""
 
 
 class IndexedDataset(Dataset):
-    """A dataset whose rows also carry their own index under :data:`PROMPT_ID_KEY`."""
+    """A dataset whose rows also carry their own index under :data:`INDEX_KEY`."""
 
     def __init__(self, dataset: Any):
         self.dataset = dataset
@@ -67,7 +77,7 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         row = dict(self.dataset[item])
-        row[PROMPT_ID_KEY] = int(item)
+        row[INDEX_KEY] = int(item)
         return row
 
     def __getattr__(self, name: str) -> Any:
@@ -88,7 +98,9 @@ def plan_round(
     ``sample_prompts`` chooses the rows (otherwise ``next_default_batch()``, verl's dataloader, does;
     a sampler may choose ``P' != round.num_prompts`` prompts), ``augment_prompts`` rewrites
     ``raw_prompt``, and the round's rollout counts (``allocate_rollouts``, else the budget split
-    evenly) fill ``__rollout_n__`` wherever they differ from verl's ``rollout.n``.
+    evenly) fill ``__rollout_n__``: always when a method allocates rollouts (verl concatenates rounds
+    when ``data.gen_batch_size < train_batch_size``, so every round must carry the same columns),
+    otherwise only when they differ from verl's ``rollout.n``.
 
     Raises:
         CompositionError: a prompt gets 0 completions (verl's sync trainer waits for a finished
@@ -97,10 +109,10 @@ def plan_round(
     prompt_ids = composition.run_sample_prompts(round, generator)
     if prompt_ids is None:
         batch_dict = next_default_batch()
-        prompt_ids = torch.as_tensor(np.asarray(batch_dict.pop(PROMPT_ID_KEY), dtype=np.int64))
+        prompt_ids = torch.as_tensor(np.asarray(batch_dict.pop(INDEX_KEY), dtype=np.int64))
     else:
         batch_dict = collate_fn([dataset[i] for i in prompt_ids.tolist()])
-        batch_dict.pop(PROMPT_ID_KEY, None)
+        batch_dict.pop(INDEX_KEY, None)
     num = int(prompt_ids.numel())
     if composition.implements("augment_prompts"):
         rows = [{key: value[i] for key, value in batch_dict.items()} for i in range(num)]
@@ -112,7 +124,8 @@ def plan_round(
             f"{composition.providers('allocate_rollouts')} gave 0 completions to prompt(s) "
             f"{prompt_ids[counts < 1].tolist()[:5]}; verl's sync trainer needs at least 1 per submitted prompt"
         )
-    if bool((counts != round.default_rollouts).any()):
+    if composition.implements("allocate_rollouts") or bool((counts != round.default_rollouts).any()):
+        # every round of a run that allocates carries the column (verl concatenates rounds)
         batch_dict[ROLLOUT_N_KEY] = np.fromiter(counts.tolist(), dtype=object, count=num)
     return batch_dict, prompt_ids
 
@@ -152,9 +165,7 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         self.grpo_plugins: Runtime = get_runtime(config.algorithm)
         self.grpo_plugins.trainer_attached = True
         self.grpo_plugins.rows_for = self._dataset_rows
-        needs_reference = self.grpo_plugins.composition.requirers("ref_log_probs")
-        if needs_reference and not self.use_reference_policy:
-            raise CompositionError(f"methods {needs_reference} require ref_log_probs: {REFERENCE_HINT}")
+        check_run(self.grpo_plugins.composition, config)
         self.prompt_generator = torch.Generator().manual_seed(int(config.data.get("seed", None) or 1))
 
     # ------------------------------------------------------------------ round planning
@@ -165,6 +176,8 @@ class GRPOPluginsTrainer(PPOTrainerSync):
 
     def _init_dataloader(self):
         super()._init_dataloader()
+        columns = getattr(getattr(self.train_dataset, "dataframe", None), "column_names", None)
+        check_run(self.grpo_plugins.composition, self.config, columns)  # now with the dataset's columns
         self.grpo_plugins.total_steps = self._total_steps()
         self.train_dataset = IndexedDataset(self.train_dataset)
         loader = self.train_dataloader
@@ -202,7 +215,9 @@ class GRPOPluginsTrainer(PPOTrainerSync):
             self.grpo_plugins.composition, round, self.prompt_generator, self.train_dataset, self._next_default_batch
         )
         uids = [str(uuid.uuid4()) for _ in range(len(prompt_ids))]
-        self.grpo_plugins.prompt_ids.update(zip(uids, prompt_ids.tolist()))
+        keys = batch_dict.get(PROMPT_ID_COLUMN, prompt_ids.tolist())  # the group key: prompt_id, else the index
+        self.grpo_plugins.prompt_ids.update(zip(uids, (int(key) for key in keys)))
+        self.grpo_plugins.dataset_index.update(zip(uids, prompt_ids.tolist()))
         self.submitted_groups = getattr(self, "submitted_groups", 0) + len(uids)
         batch_dict["uid"] = np.array(uids, dtype=object)
         return tu.get_tensordict(batch_dict)
@@ -237,6 +252,8 @@ class GRPOPluginsTrainer(PPOTrainerSync):
     def _compute_advantage(self, batch, metrics: dict):
         self.grpo_plugins.step = max(int(self.global_steps) - 1, 0)
         fields = ["responses", "old_log_probs", *ROW_FIELDS] + (["ref_log_prob"] if self.use_reference_policy else [])
+        if "old_entropies" in self.grpo_plugins.composition.required_fields():
+            fields.append("entropy")  # the token entropies verl's old-log-prob pass stores
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         keys, weights = (self.config.algorithm.get(name, None) for name in (REWARD_KEYS, REWARD_WEIGHTS))
         wants_text = "completions" in self.grpo_plugins.composition.required_fields()
@@ -250,10 +267,51 @@ class GRPOPluginsTrainer(PPOTrainerSync):
             batch = super()._compute_advantage(batch, metrics)
         finally:
             self.grpo_plugins.extras = None
-        metrics.update(self.grpo_plugins.composition.pop_metrics())
+        runtime = self.grpo_plugins
+        metrics.update(runtime.composition.pop_metrics())
+        if runtime.skipped:
+            metrics[SKIPPED_METRIC], runtime.skipped = float(runtime.skipped), 0
+        if runtime.loss_installed and runtime.last_batch is not None:
+            self._put_loss_inputs(batch)
         for key in batch.keys:  # trajectory keys are "{uid}_{session}_{index}"
-            self.grpo_plugins.prompt_ids.pop(str(key).rsplit("_", 2)[0], None)
+            uid = str(key).rsplit("_", 2)[0]
+            runtime.prompt_ids.pop(uid, None)
+            runtime.dataset_index.pop(uid, None)
         return batch
+
+    def _put_loss_inputs(self, batch) -> None:
+        """Write the advantage stage's ``row_data`` and ``mask_tokens`` weights to TransferQueue next to
+        the rows, so they follow verl's shuffling and micro-batching to the loss."""
+        runtime = self.grpo_plugins
+        stage = runtime.last_batch
+        values = {ROW_PREFIX + key: value for key, value in stage.row_data.items()}
+        if stage.token_weights is not None:
+            values[TOKEN_WEIGHTS] = stage.token_weights
+        if not values:
+            return
+        mask = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask"])
+        response_mask, width = mask["response_mask"], stage.completion_mask.shape[1]
+        fields = {}
+        for name, value in values.items():
+            full = value.new_zeros((len(batch.keys), *value.shape[1:]))
+            full[runtime.last_rows.to(value.device)] = value
+            token_aligned = value.dim() >= 2 and value.shape[1] == width
+            fields[name] = response_to_nested(full, response_mask) if token_aligned else full
+        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(fields, batch_size=len(batch.keys)))
+
+    def on_init_end(self):
+        """Install the adapter's actor loss on every actor worker when the adapter owns the loss."""
+        if str(self.config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "")) == NAME:
+            from verl.utils.config import omega_conf_to_dataclass
+
+            actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
+            self.actor_rollout_wg.set_loss_fn(partial(grpo_plugins_ppo_loss, config=actor_config))
+            self.grpo_plugins.loss_installed = True
+        super().on_init_end()
+
+    def _update_actor(self, batch, metrics: dict):
+        batch.extra_info[STEP] = max(int(self.global_steps) - 1, 0)
+        return super()._update_actor(batch, metrics)
 
     def observe_step(self) -> None:
         """Run ``observe`` on the latest advantage-stage batch (once), after the actor update."""

@@ -72,11 +72,10 @@ def test_group_statistics_match_torch_per_group_calls():
     mean, std = torch_group_mean_std(values, index, len(sizes))
     for g in range(len(sizes)):
         members = values[(index == g).nonzero().flatten()]  # batch order, as verl stacks them
-        assert torch.equal(mean[g], torch.mean(members))
         if sizes[g] > 1:
-            assert torch.equal(std[g], torch.std(members))
-        else:
-            assert torch.isnan(std[g])
+            assert torch.equal(mean[g], torch.mean(members)) and torch.equal(std[g], torch.std(members))
+        else:  # verl scores a group of one against mean 0, std 1
+            assert mean[g].item() == 0.0 and std[g].item() == 1.0
 
 
 def test_hand_computed_grpo_advantages():
@@ -162,11 +161,46 @@ def test_bad_batches_fail_clearly():
     rewards[0, 0] = float("nan")
     with pytest.raises(BatchError, match="NaN"):
         compute_grpo_plugins_advantage(rewards, mask, uids, OmegaConf.create({}))
-    rewards, mask, uids = verl_batch((2, 1), seed=2)
-    with pytest.raises(PluginError, match="at least 2 completions"):
-        compute_grpo_plugins_advantage(rewards, mask, uids, OmegaConf.create({}))
     with pytest.raises(BatchError, match="uid"):
         compute_grpo_plugins_advantage(rewards, mask, None, OmegaConf.create({}))
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_groups_of_one_are_scored_as_verl_grpo_scores_them(norm):
+    # with no method enabled the adapter accepts what verl accepts: a group of one has mean 0, std 1
+    for seed in range(5):
+        rewards, mask, uids = verl_batch((1, 3, 1, 2), num_tokens=5, seed=seed, num_padding=seed % 2)
+        expected, _ = v1_advantage(rewards, mask, uids, "grpo", norm)
+        ours, _ = v1_advantage(rewards, mask, uids, "grpo_plugins", norm)
+        assert torch.equal(ours, expected)
+        single = [i for i, u in enumerate(uids) if list(uids).count(u) == 1 and not str(u).startswith("pad")]
+        scale = (1 + 1e-6) if norm else 1.0
+        torch.testing.assert_close(ours[single].sum(-1), rewards[single].sum(-1) / scale * mask[single].sum(-1))
+
+
+@pytest.mark.parametrize("size", [2, 3, 12, 64])
+@pytest.mark.parametrize("value", [7.782482, 123.4, -0.3, 1e4])
+def test_constant_groups_get_exactly_zero_unlike_verl(size, value):
+    # the one documented difference from verl's grpo: verl leaves its float32 mean's rounding residue
+    rewards, mask, uids = verl_batch((size, 3), num_tokens=4, seed=size)
+    constant = uids == uids[np.flatnonzero(np.char.endswith(uids.astype(str), "-0"))[0]]
+    last = mask.sum(-1) - 1
+    rewards[torch.as_tensor(constant)] = 0.0
+    rewards[torch.as_tensor(constant), last[torch.as_tensor(constant)]] = value
+    for norm in (True, False):
+        ours, _ = v1_advantage(rewards, mask, uids, "grpo_plugins", norm)
+        assert torch.equal(ours[torch.as_tensor(constant)], torch.zeros_like(ours[torch.as_tensor(constant)]))
+        expected, _ = v1_advantage(rewards, mask, uids, "grpo", norm)
+        other = torch.as_tensor(~constant)
+        assert torch.equal(ours[other], expected[other])  # every other group stays bit-identical to verl
+
+
+def test_verl_grpo_leaves_a_residue_on_constant_groups():
+    rewards, mask, uids = verl_batch((12,), num_tokens=1, seed=0)
+    rewards[:] = 123.4
+    verl, _ = v1_advantage(rewards, mask, uids, "grpo", True)
+    ours, _ = v1_advantage(rewards, mask, uids, "grpo_plugins", True)
+    assert verl.abs().max() > 0.1 and torch.equal(ours, torch.zeros_like(ours))
 
 
 class DropAll(Method):

@@ -53,6 +53,11 @@ def example_run(tmp_path_factory):
     env = {**os.environ, "WORK": str(work), "PYTHON": str(stub), "REAL_PYTHON": sys.executable, "ARGS_FILE": str(work / "args")}
     subprocess.run(["bash", str(EXAMPLE / "run_tiny_grpo.sh")], env=env, capture_output=True, text=True, timeout=300)
     overrides = (work / "args").read_text().splitlines()
+    stale = work / "ckpt" / "global_step_2"
+    stale.mkdir(parents=True)
+    (stale / "grpo_plugins.pt").write_text("from an earlier run")
+    again = subprocess.run(["bash", str(EXAMPLE / "run_tiny_grpo.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert "OK" not in again.stdout  # the stub trained nothing: a stale state file must not pass the check
     return work, overrides
 
 
@@ -66,6 +71,9 @@ def clean_runtime(monkeypatch):
 def test_example_overrides_fit_verl_config(example_run):
     work, overrides = example_run
     assert "+grpo_plugins=[vade,sapo]" in overrides
+    # sapo's own aggregation, and no resume of an earlier run in the same folder (it would train nothing)
+    assert "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean" in overrides
+    assert "trainer.resume_mode=disable" in overrides
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
         config = compose(config_name="ppo_trainer", overrides=overrides)
     config = prepare_config(config)

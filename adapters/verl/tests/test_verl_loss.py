@@ -165,3 +165,133 @@ def test_micro_batches_and_ranks_add_up_to_the_global_loss(mode):
             rank_loss = rank_loss + loss
         parts.append(rank_loss)
     torch.testing.assert_close(sum(parts) / 2, full)
+
+
+def actor_micro_batch(extra=None, step=None, prompt_len=3, rows=4, tokens=5, seed=11):
+    """One actor micro-batch as verl's engine hands it to the loss: nested fields from TransferQueue."""
+    from grpo_plugins_verl.loss import STEP
+
+    old, new, advantages, mask, _ = micro_batch(seed=seed, rows=rows, tokens=tokens)
+    mask[:, 0] = True
+    lengths = mask.sum(1)
+    flat = []
+    for i in range(rows):
+        seq = torch.zeros(prompt_len + int(lengths[i]))
+        seq[prompt_len - 1 : prompt_len - 1 + int(lengths[i])] = new[i, : int(lengths[i])]
+        flat.append(seq)
+    mask = torch.arange(tokens) < lengths[:, None]  # contiguous responses, as verl's are
+    fields = {
+        "prompts": torch.ones(rows, prompt_len, dtype=torch.long),
+        "responses": torch.ones(rows, tokens, dtype=torch.long),
+        "attention_mask": torch.cat([torch.ones(rows, prompt_len, dtype=torch.long), mask.long()], dim=1),
+        "response_mask": mask.long(),
+        "old_log_probs": old,
+        "advantages": advantages,
+        "ref_log_prob": old - 0.1,
+        **(extra or {}),
+    }
+    info = {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": rows}
+    if step is not None:
+        info[STEP] = step
+    return tu.get_tensordict(fields, non_tensor_dict=info), flat, mask
+
+
+def test_installed_actor_loss_equals_verl_ppo_loss_without_methods():
+    from grpo_plugins_verl.loss import grpo_plugins_ppo_loss
+
+    results = []
+    for loss_fn, mode in ((ppo_loss, "vanilla"), (grpo_plugins_ppo_loss, "grpo_plugins")):
+        data, flat, _ = actor_micro_batch()
+        log_probs = torch.cat(flat).requires_grad_(True)
+        config = actor_config(mode, "seq-mean-token-mean", use_kl_loss=True, kl_loss_coef=0.3)
+        loss, metrics = loss_fn(config, {"log_probs": log_probs}, data)
+        loss.backward()
+        results.append((loss.detach(), log_probs.grad, metrics))
+    (expected, expected_grad, verl_metrics), (ours, our_grad, our_metrics) = results
+    assert torch.equal(ours, expected) and torch.equal(our_grad, expected_grad)
+    for key in ("actor/pg_loss", "actor/ppo_kl", "actor/pg_clipfrac", "kl_loss"):
+        assert our_metrics[key].aggregate() == verl_metrics[key].aggregate()
+
+
+class Recorder(Method):
+    """Records what the loss hooks receive and replaces the surrogate (so clip metrics are 0)."""
+
+    name = "recorder"
+    seen: dict = {}
+
+    @hookimpl
+    def policy_surrogate(self, inputs: LossInputs):
+        Recorder.seen.update(
+            step=inputs.step, row=inputs.row_data["per_row"].clone(), token=inputs.row_data["per_token"].clone(),
+            entropies=inputs.entropies, ref=inputs.ref_log_probs, mask=inputs.mask.clone(),
+        )
+        return -inputs.ratio * inputs.advantages
+
+    @hookimpl
+    def loss_terms(self, inputs: LossInputs):
+        return {"one": torch.ones_like(inputs.log_probs)}
+
+
+def test_installed_actor_loss_gets_row_data_entropies_reference_and_step():
+    from grpo_plugins_verl.loss import ROW_PREFIX, TOKEN_WEIGHTS, grpo_plugins_ppo_loss
+
+    grpo_plugins_verl.configure([Recorder()])
+    rows, tokens = 4, 5
+    _, _, mask = actor_micro_batch()
+    lengths = mask.sum(1)
+    per_token = torch.arange(rows * tokens, dtype=torch.float32).view(rows, tokens)
+    weights = torch.ones(rows, tokens)
+    weights[0, 0] = 0.0  # a dropped token: zero loss, still in the normaliser
+    nested = lambda x: torch.nested.as_nested_tensor([x[i, : int(lengths[i])] for i in range(rows)], layout=torch.jagged)  # noqa: E731
+    extra = {ROW_PREFIX + "per_row": torch.tensor([1.0, 2.0, 3.0, 4.0]), ROW_PREFIX + "per_token": nested(per_token),
+             TOKEN_WEIGHTS: nested(weights)}
+    data, flat, _ = actor_micro_batch(extra, step=7)
+    log_probs = torch.cat(flat).requires_grad_(True)
+    entropy = torch.cat(flat).abs() + 1.0
+    config = actor_config("grpo_plugins", "token-mean", use_kl_loss=True, kl_loss_coef=0.0)
+    loss, metrics = grpo_plugins_ppo_loss(config, {"log_probs": log_probs, "entropy": entropy}, data)
+    seen = Recorder.seen
+    assert seen["step"] == 7 and torch.equal(seen["row"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(seen["token"], torch.where(mask, per_token, 0.0))
+    assert seen["entropies"] is not None and seen["ref"] is not None
+    assert torch.equal(seen["mask"], mask.float())  # the normaliser: verl's response mask, weights not in it
+    assert metrics["actor/pg_clipfrac"].aggregate() == 0.0 and "actor/ppo_kl" in metrics
+    # the term is aggregated like the policy loss and logged like actor/pg_loss (summed over micro-batches)
+    assert metrics["plugins/recorder/one"].aggregation.value == "sum"
+    assert metrics["plugins/recorder/one"].aggregate() == pytest.approx(1.0)
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    padded = no_padding_2_padding(log_probs, data).detach()
+    old_lp, adv = (data[k].to_padded_tensor(0.0) if data[k].is_nested else data[k] for k in ("old_log_probs", "advantages"))
+    policy = torch.where(mask, -torch.exp(padded - old_lp) * adv * weights, 0.0)
+    torch.testing.assert_close(loss.detach(), policy.sum() / mask.sum() + 1.0)  # |o| counts the weight-0 token
+
+
+def test_term_metrics_of_the_registered_loss_are_micro_batch_means():
+    grpo_plugins_verl.configure([ConstantTerm()])
+    old, new, advantages, mask, _ = micro_batch(seed=3)
+    config = actor_config("grpo_plugins", "token-mean")
+    config.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()) * 3, global_batch_size=18)
+    _, metrics = compute_grpo_plugins_policy_loss(old, new, advantages, mask, "token-mean", config)
+    assert metrics["plugins/constant_term/bonus"] == pytest.approx(0.25)  # not 0.25 / 3 for 3 micro-batches
+
+
+class Refuses(Method):
+    """A gate that fails when called: the methods must not run on a micro-batch without a response token."""
+
+    name = "refuses"
+
+    @hookimpl
+    def gate_loss(self, inputs: LossInputs):
+        raise AssertionError("the loss hooks ran on a micro-batch without a response token")
+
+
+def test_a_micro_batch_without_response_tokens_is_verl_vanilla_without_the_methods():
+    grpo_plugins_verl.configure([Refuses()])
+    old, new, advantages, mask, _ = micro_batch(seed=5)
+    empty = torch.zeros_like(mask)
+    config = actor_config("grpo_plugins", "seq-mean-token-mean")
+    config.global_batch_info.update(dp_size=1, batch_num_tokens=10, global_batch_size=6)
+    ours = run(compute_grpo_plugins_policy_loss, config, old, new, advantages, empty, "seq-mean-token-mean")
+    verl = run(get_policy_loss_fn("vanilla"), config, old, new, advantages, empty, "seq-mean-token-mean")
+    assert torch.equal(ours[0], verl[0]) and torch.equal(ours[1], verl[1]) and ours[0] == 0

@@ -24,7 +24,7 @@ from grpo_plugins_verl.extras import batch_extras
 from grpo_plugins_verl.runtime import get_runtime
 from grpo_plugins_verl.testing import isolate
 from grpo_plugins_verl.trainer import (
-    PROMPT_ID_KEY,
+    INDEX_KEY,
     ROLLOUT_N_KEY,
     STATE_FILE,
     GRPOPluginsTrainer,
@@ -151,7 +151,7 @@ def test_planned_round_reaches_verl_prompt_batch(tmp_path):
     assert [row[ROLLOUT_N_KEY] for row in rows] == [6, 3, 3]  # budget 3 x 4 = 12: 3 each, the remainder to the first
     assert [int(row["dummy"][0]) for row in rows] == expected_ids
     assert [row["raw_prompt"][-1]["content"] for row in rows] == [f"q{i} (hint toy)" for i in expected_ids]
-    assert PROMPT_ID_KEY not in td.keys()
+    assert INDEX_KEY not in td.keys()
     assert [trainer.grpo_plugins.prompt_ids[row["uid"]] for row in rows] == expected_ids
 
 
@@ -162,6 +162,28 @@ def test_default_round_uses_verl_dataloader_and_dataset_indices(tmp_path):
     ids = [trainer.grpo_plugins.prompt_ids[agent_loop_view(td, i)["uid"]] for td in (first, second) for i in range(3)]
     assert ids == [0, 1, 2, 3, 4, 5]
     assert ROLLOUT_N_KEY not in first.keys()  # no allocator: verl's rollout.n applies
+
+
+class EvenAllocator(Method):
+    name = "even_allocator"
+
+    @hookimpl
+    def allocate_rollouts(self, round, prompt_ids):
+        return torch.full_like(prompt_ids, round.budget // prompt_ids.numel())
+
+
+def test_rounds_of_an_allocating_run_always_carry_the_rollout_counts(tmp_path):
+    # verl concatenates rounds (data.gen_batch_size < train_batch_size): a round whose counts happen to
+    # equal rollout.n must carry the column too, or the concatenation fails on mismatched keys
+    from verl.utils import tensordict_utils as tu
+
+    grpo_plugins_verl.configure([EvenAllocator()])
+    trainer = make_trainer(tmp_path)
+    even = trainer._fetch_one_gen_batch()
+    assert [agent_loop_view(even, i)[ROLLOUT_N_KEY] for i in range(3)] == [4, 4, 4]
+    grpo_plugins_verl.configure([Allocator()])
+    uneven = make_trainer(tmp_path)._fetch_one_gen_batch()
+    assert len(tu.concat_tensordict([even, uneven])) == 6
 
 
 def test_zero_allocation_is_a_clear_error(tmp_path):
@@ -390,6 +412,7 @@ def test_required_batch_fields_are_filled_or_refused(tmp_path):
     ]
     runtime.extras = batch_extras(list_of_dict_to_tensordict(rows), tokenizer=ToyTokenizer())
     runtime.prompt_ids.update({"a": 4})
+    runtime.dataset_index.update({"a": 4})
     uids = np.array(["a", "a"], dtype=object)
     compute_grpo_plugins_advantage(torch.tensor([[0.0, 1.0], [0.0, 0.0]]), torch.ones(2, 2, dtype=torch.long), uids, None)
     assert method.seen == (["5 6", "7"], ["toy", "toy"], 40)
@@ -398,5 +421,66 @@ def test_required_batch_fields_are_filled_or_refused(tmp_path):
     with pytest.raises(CompositionError, match="lacks completions .*old_log_probs .*trainer_mode=grpo_plugins"):
         compute_grpo_plugins_advantage(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.long), uids, None)
     grpo_plugins_verl.configure([NeedsReference()])
+    get_runtime().trainer_attached = True  # the trainer's fetch found no reference log-probs
     with pytest.raises(CompositionError, match="ref_log_probs .*use_kl_loss=True"):
         compute_grpo_plugins_advantage(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.long), uids, None)
+
+
+def test_a_batch_with_every_completion_masked_is_skipped_like_verl(tmp_path, monkeypatch):
+    """verl's ``grpo`` gives such a batch (e.g. every response rejected by rollout correction) zero
+    advantages and trains on; the methods skip it (no stage, no ``observe``) and the step logs it."""
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    counter = Counter()
+    grpo_plugins_verl.configure([Sampler(), counter])
+    trainer = make_trainer(tmp_path)
+    td = trainer._fetch_one_gen_batch()
+    uids = np.repeat(np.array([agent_loop_view(td, i)["uid"] for i in range(3)], dtype=object), 2)
+    rewards, mask = torch.zeros(6, 4), torch.zeros(6, 4, dtype=torch.long)
+    rewards[:, -1] = torch.tensor([1.0, 0, 1, 1, 0, 0])
+    advantages, _ = compute_grpo_plugins_advantage(rewards, mask, uids, trainer.config.algorithm)
+    expected, _ = compute_grpo_outcome_advantage(rewards, mask, uids)
+    assert torch.equal(advantages, expected) and not advantages.any()
+    trainer.observe_step()
+    assert counter.steps == [] and trainer.grpo_plugins.skipped == 1
+    import transfer_queue as tq  # the step's metrics: verl's own advantage step left out
+
+    monkeypatch.setattr(tq, "kv_batch_get", lambda **kwargs: list_of_dict_to_tensordict([{"responses": torch.ones(1)}]))
+    monkeypatch.setattr(GRPOPluginsTrainer.__mro__[1], "_compute_advantage", lambda self, batch, metrics: batch)
+    trainer.use_reference_policy, trainer.tokenizer, metrics = False, None, {}
+    trainer._compute_advantage(type("Meta", (), {"keys": [], "partition_id": "train"})(), metrics)
+    assert metrics["plugins/skipped_empty_batches"] == 1.0 and trainer.grpo_plugins.skipped == 0
+
+
+class NeedsRows(Method):
+    name = "toy_needs_rows"
+
+    def requires(self):
+        return {"rows"}
+
+    @hookimpl
+    def shape_rewards(self, batch, rewards):
+        self.rows = [row["dummy"].item() for row in batch.rows]
+        return rewards
+
+
+def test_groups_are_keyed_by_the_prompt_id_column(tmp_path):
+    """Rows sharing a ``prompt_id`` form one group (as on TRL); the methods still read each row's own
+    dataset row."""
+    method = NeedsRows()
+    grpo_plugins_verl.configure([Sampler(), method])
+    trainer = make_trainer(tmp_path)
+    trainer.train_dataset = IndexedDataset([{**row, "prompt_id": 100 + i // 2} for i, row in enumerate(toy_rows())])
+    runtime = trainer.grpo_plugins
+    runtime.rows_for = trainer._dataset_rows
+    td = trainer._fetch_one_gen_batch()
+    views = [agent_loop_view(td, i) for i in range(3)]
+    indices = [int(view["dummy"][0]) for view in views]
+    assert [runtime.prompt_ids[view["uid"]] for view in views] == [100 + i // 2 for i in indices]
+    uids = np.repeat(np.array([view["uid"] for view in views], dtype=object), 2)
+    rewards = torch.zeros(6, 3)
+    rewards[:, -1] = torch.tensor([1.0, 0, 1, 1, 0, 1])
+    compute_grpo_plugins_advantage(rewards, torch.ones(6, 3, dtype=torch.long), uids, trainer.config.algorithm)
+    batch = runtime.last_batch
+    assert batch.prompt_ids.tolist() == [100 + i // 2 for i in np.repeat(indices, 2)]
+    assert method.rows == np.repeat(indices, 2).tolist()  # each uid's own dataset row

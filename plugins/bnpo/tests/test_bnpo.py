@@ -77,7 +77,7 @@ def test_skewed_batch_fits_skewed_beta_and_reweights_against_grpo():
     # the distinguishing property: GRPO's scale depends only on the group; BNPO's on the batch too —
     # the common (hard) rate is down-weighted relative to the rare (p = .5) one
     grpo = advantages([], batch_of(rewards, ids))
-    assert grpo[0] / grpo[8] == pytest.approx((0.75 / 0.5) / (0.5 / 0.57735), rel=1e-3)
+    assert (grpo[0] / grpo[8]).item() == pytest.approx((0.75 / 0.5) / (0.5 / 0.57735), rel=1e-3)
     assert (adv[0] / adv[8]).item() == pytest.approx(1.5 * w_hard / w_mid, rel=1e-4)
     assert w_hard < w_mid
 

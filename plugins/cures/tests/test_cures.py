@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
 from grpo_plugin_cures import cures_allocation, posterior_accuracy, sampling_probabilities
 
 
@@ -123,8 +123,20 @@ def test_resumed_run_plans_the_same_rounds(tmp_path):
     assert all(sum(c) == 24 for _, c in straight)
 
 
-def test_two_prompt_samplers_are_told_apart():
-    pytest.importorskip("grpo_plugin_gdro", reason="the conflict partner grpo-plugin-gdro is not installed")
-    with pytest.raises(CompositionError, match="'cures'.*'gdro'") as error:
-        Composition(["cures", "gdro"])
+class FirstPrompts(Method):
+    """Another prompt sampler (the compositions with the real gdro and vas are in
+    tests/integration/test_sampler_compositions.py)."""
+
+    name = "first_prompts"
+
+    @hookimpl
+    def sample_prompts(self, round, generator):
+        return torch.arange(round.num_prompts) % round.dataset_size
+
+
+def test_a_second_prompt_sampler_is_refused_with_the_switch_to_use():
+    with pytest.raises(CompositionError, match="'cures'.*'first_prompts'.*sample_prompts") as error:
+        Composition(["cures", FirstPrompts()])
     assert "switch the hook off" in str(error.value)
+    composition = Composition([{"cures": {"use_sampler": False}}, FirstPrompts()])
+    assert composition.providers("sample_prompts") == ["first_prompts"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
 from grpo_plugins.budgets import apportion
 from grpo_plugin_gdro import bin_distribution, difficulty_bins, draw_by_bins, hedge_update, sqrt_rule_weights
 
@@ -132,11 +132,20 @@ def test_resumed_run_plans_the_same_rounds(tmp_path):
     assert all(sum(c) == 24 for _, c in straight)
 
 
-def test_single_providers_are_told_apart_with_the_switch_to_use():
-    pytest.importorskip("grpo_plugin_cures", reason="the conflict partner grpo-plugin-cures is not installed")
-    with pytest.raises(CompositionError) as error:
-        Composition(["gdro", "cures"])
-    message = str(error.value)
-    assert "'gdro'" in message and "'cures'" in message and "sample_prompts" in message and "switch the hook off" in message
-    composition = Composition([{"gdro": {"use_prompt_gdro": False}}, {"cures": {"use_allocation": False}}])
-    assert composition.providers("sample_prompts") == ["cures"] and composition.providers("allocate_rollouts") == ["gdro"]
+class FirstPrompts(Method):
+    """Another prompt sampler (the compositions with the real cures are in
+    tests/integration/test_sampler_compositions.py)."""
+
+    name = "first_prompts"
+
+    @hookimpl
+    def sample_prompts(self, round, generator):
+        return torch.arange(round.num_prompts) % round.dataset_size
+
+
+def test_a_second_prompt_sampler_is_refused_with_the_switch_to_use():
+    with pytest.raises(CompositionError, match="'gdro'.*'first_prompts'.*sample_prompts") as error:
+        Composition(["gdro", FirstPrompts()])
+    assert "switch the hook off" in str(error.value)
+    composition = Composition([{"gdro": {"use_prompt_gdro": False}}, FirstPrompts()])
+    assert composition.providers("sample_prompts") == ["first_prompts"]

@@ -44,6 +44,26 @@ def test_card_worked_example_conflict_weights():
     assert batch.row_data["gtpo_conflicts"].tolist() == [2, 2, 2]
 
 
+def test_conflict_tokens_keep_the_completion_length_as_normaliser():
+    """The released code's loss: sum_t -(A delta_t) / |o| per completion, then the mean over completions.
+    The weights multiply the policy loss; a conflict token of a negative completion (weight 0) still
+    counts in |o| (the adapters' mask_tokens semantics)."""
+    comp = Composition(["gtpo"])
+    batch = comp.run_advantage_stage(card_batch())
+    mask = batch.completion_mask
+    log_probs = torch.zeros(3, 4, requires_grad=True)
+    inputs = LossInputs(log_probs=log_probs, old_log_probs=torch.zeros(3, 4),
+                        advantages=batch.advantages[:, None].expand(3, 4), mask=mask, row_data=dict(batch.row_data))
+    per_token = comp.run_loss_stage(inputs, lambda i: torch.zeros_like(i.log_probs)).policy * batch.token_weights
+    loss = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+    loss.backward()
+    a_pos, a_neg = 1 / 3 - 0.01, -2 / 3 - 0.01
+    # rows: -a_pos (2+1+1+2)/4, -a_neg (0+1+0)/3 (not /1), -a_pos (2+1+1+2)/4
+    assert loss.item() == pytest.approx((-a_pos * 6 / 4 - a_neg / 3 - a_pos * 6 / 4) / 3, abs=1e-6)
+    assert log_probs.grad[1].tolist() == pytest.approx([0.0, -a_neg / 9, 0.0, 0.0], abs=1e-6)
+    assert log_probs.grad[0].tolist() == pytest.approx([-a_pos * w / 12 for w in (2, 1, 1, 2)], abs=1e-6)
+
+
 def test_card_worked_example_entropy_rule():
     ids = [[A, B], [C, D], [D, E], [E, A]]
     batch = group_batch(ids, [2, 2, 2, 2], [1.0, 0.0, 0.0, 0.0], surprisal=[0.2, 0.9, 0.5, 0.7])
@@ -149,7 +169,7 @@ def test_sampled_and_policy_entropy_paths_agree_when_the_entropies_agree():
         mask = batch.completion_mask
         weights = batch.token_weights * mask
         inputs = LossInputs(log_probs=torch.zeros(3, 4, requires_grad=True), old_log_probs=torch.zeros(3, 4),
-                            advantages=_broadcast(batch.advantages, mask) * weights, mask=(weights > 0).float(),
+                            advantages=_broadcast(batch.advantages, mask) * weights, mask=mask,
                             entropies=torch.tensor(surprisal)[:, None] * mask, row_data=dict(batch.row_data))
         losses.append(comp.run_loss_stage(inputs, lambda i: torch.zeros_like(i.log_probs)).policy)
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
@@ -189,9 +209,9 @@ def test_entropy_rule_deferred_to_the_loss_with_the_policy_entropy():
     batch = comp.run_advantage_stage(card_batch_without_old())
     assert batch.advantages.tolist() == pytest.approx([1 / 3, -2 / 3, 1 / 3], abs=1e-6)  # not shifted yet
     weights = batch.token_weights * batch.completion_mask
-    # an adapter that folds non-binary token weights into the advantages (and 0/1 into the mask)
+    # an adapter that folds the token weights into the advantages (the mask stays the completion mask)
     inputs = LossInputs(log_probs=torch.zeros(3, 4, requires_grad=True), old_log_probs=torch.zeros(3, 4),
-                        advantages=batch.advantages[:, None] * weights, mask=(weights > 0).float(),
+                        advantages=batch.advantages[:, None] * weights, mask=batch.completion_mask,
                         entropies=torch.full((3, 4), 0.1), row_data=dict(batch.row_data))
     policy = comp.run_loss_stage(inputs, lambda i: torch.zeros_like(i.log_probs)).policy
     expected = -(torch.tensor([1 / 3, -2 / 3, 1 / 3]) - 0.01)[:, None] * weights
@@ -235,7 +255,7 @@ def test_options_switch_hooks_and_conflict_normalisation():
                         row_data={"gtpo_conflicts": torch.tensor([2.0, 0.0, 3.0])})
     parts = norm.run_loss_stage(inputs, lambda i: torch.zeros_like(i.log_probs))
     expected = -batch.advantages[:, None] / torch.tensor([[2.0], [1.0], [3.0]])
-    assert torch.allclose(parts.policy, expected.expand(3, 4))
+    assert torch.allclose(parts.policy, expected.expand(3, 4) * batch.completion_mask)  # padding is 0
 
 
 def test_stateless_round_trip(tmp_path):

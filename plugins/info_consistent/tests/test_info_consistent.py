@@ -42,7 +42,7 @@ def test_discovered_with_its_hooks():
     composition = Composition(["info_consistent"])
     for hook in ("sample_prompts", "augment_prompts", "shape_rewards"):
         assert composition.providers(hook) == ["info_consistent"]
-    assert composition.required_fields() == {"completions"}
+    assert composition.required_fields() == {"completions", "rows"}  # rows: its needs() reads dataset columns
     free = Composition([{"info_consistent": {"pair_prompts": False, "units": "tokens", "helpfulness": "reward"}}])
     assert free.providers("sample_prompts") == [] and free.required_fields() == {"completion_ids"}
 

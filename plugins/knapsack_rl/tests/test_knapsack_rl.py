@@ -1,7 +1,6 @@
 """Knapsack RL, enabled by name through its installed entry point; numbers are computed by hand."""
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -224,41 +223,24 @@ def test_state_round_trip(tmp_path):
     assert torch.equal(allocate(restored, [0, 1, 2], 30), allocate(composition, [0, 1, 2], 30))
 
 
-def test_large_allocation_is_fast():
-    import time
-
+def test_large_allocation_is_optimal():
+    """10 000 prompts, a budget of 8 per prompt, N_up = 64 (the round the speed benchmark times:
+    benchmarks/methods/): the greedy allocation uses the whole budget within [min_n, max_n], and it is an
+    optimal knapsack: no exchange of one rollout between two prompts raises the total value (for concave
+    gains this exchange condition is sufficient), and it matches the dynamic programme on a slice."""
     gen = torch.Generator().manual_seed(0)
     p = torch.rand(10_000, generator=gen) * 0.98 + 0.01
-    start = time.perf_counter()
-    counts, _ = knapsack_allocate(p, torch.ones(10_000, dtype=torch.bool), 80_000, n_default=8, max_n=64)
-    assert time.perf_counter() - start < 2.0
-    assert int(counts.sum()) == 80_000 and int(counts.max()) <= 64 and math.isfinite(float(counts.float().mean()))
-
-
-def finite_losses(trainer):
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return bool(losses) and all(math.isfinite(x) for x in losses)
-
-
-def test_trainer_run_allocates_by_the_knapsack():
-    trl_testing = pytest.importorskip("grpo_plugins_trl.testing")
-    trainer = trl_testing.tiny_grpo_run(
-        [{"knapsack_rl": {"min_rewards": 4, "max_n": 6}}], max_steps=4,
-        reward_funcs=trl_testing.digit_overlap_reward, dataset=trl_testing.arithmetic_dataset(4, 0),
-    )
-    assert finite_losses(trainer)
-    assert any("plugins/knapsack_rl/max_rollouts" in row for row in trainer.state.log_history)
-    method = trainer.composition.method("knapsack_rl")
-    assert int(method.table.get("reward_count", torch.arange(4)).sum()) > 0
-    # once estimates exist, a round's completions are no longer split evenly (GRPO: 4 and 4)
-    counts = [torch.bincount(r) for r in list(trainer._plugin_rounds)]
-    assert all(int(c.sum()) == 8 for c in counts)
-    assert any(len(set(c[c > 0].tolist())) > 1 for c in counts)
-
-
-def test_trainer_run_composed_with_a_prompt_sampler():
-    trl_testing = pytest.importorskip("grpo_plugins_trl.testing")
-    trainer = trl_testing.tiny_grpo_run(["vade", "knapsack_rl"], max_steps=2, reward_funcs=trl_testing.digit_overlap_reward)
-    assert finite_losses(trainer)
-    logged = set().union(*trainer.state.log_history)
-    assert {"plugins/vade/selected_expected_variance", "plugins/knapsack_rl/max_rollouts"} <= logged
+    counts, info = knapsack_allocate(p, torch.ones(10_000, dtype=torch.bool), 80_000, n_default=8, max_n=64)
+    assert int(counts.sum()) == 80_000 and int(counts.min()) >= 2 and int(counts.max()) <= 64
+    assert info["fallback"] == 0.0 and info["num_knapsack_prompts"] == 10_000
+    # value of one more rollout (where below N_up) and of the last one given (where above N_low)
+    n, q = counts.double(), p.double()
+    gain_up = torch.where(counts < 64, rollout_value(n + 1, q) - rollout_value(n, q), float("-inf"))
+    loss_down = torch.where(counts > 2, rollout_value(n, q) - rollout_value(n - 1, q), float("inf"))
+    assert float(gain_up.max()) <= float(loss_down.min()) + 1e-15
+    # on a slice (300 prompts, the same budget per prompt) the exact dynamic programme agrees on the value
+    gains = item_gains(p[:300], 2, 62)
+    greedy, dp = knapsack_greedy(gains, 1_800), knapsack_dp(gains, 1_800)
+    value = lambda units: float(gains.gather(1, units[:, None]).sum())  # noqa: E731
+    assert int(greedy.sum()) == int(dp.sum()) == 1_800
+    assert value(greedy) == pytest.approx(value(dp), abs=1e-12)

@@ -1,4 +1,5 @@
-"""LLDS: the card's worked example by hand, the action gate, edge cases, gradients and a real TRL run."""
+"""LLDS: the card's worked example by hand, the action gate, edge cases and gradients (real TRL runs:
+tests/integration/test_round1_trl_runs.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, ConfigError, LossInputs
+from grpo_plugins import Composition, ConfigError, LossInputs, PluginError
 from grpo_plugin_llds import action_index, displacement_gate, llds_penalty
 
 
@@ -26,8 +27,16 @@ def card_inputs() -> LossInputs:
 
 
 def loss_term(methods, inputs):
+    """The per-token LLDS term, from either form: aggregated like the policy loss (the default,
+    ``loss_terms``) or with its own token normaliser (``normaliser: token``, ``loss_objectives``)."""
     parts = Composition(methods).run_loss_stage(inputs, lambda i: torch.zeros_like(i.log_probs))
-    return parts.terms["llds/llds"]
+    return parts.terms["llds/llds"] if "llds/llds" in parts.terms else parts.objectives["llds/llds"].values
+
+
+def test_both_normaliser_forms_give_the_same_per_token_term():
+    policy = loss_term(["llds"], card_inputs())
+    token = loss_term([{"llds": {"normaliser": "token"}}], card_inputs())
+    assert torch.equal(policy, token) and bool((policy != 0).any())
 
 
 def test_card_worked_example_action_gate():
@@ -127,26 +136,17 @@ def test_distinct_from_grpo_and_metrics():
 
 
 def test_bad_config_and_stateless(tmp_path):
+    """LLDS keeps no state: after loss calls the state is empty, the checkpoint holds nothing, a restored
+    composition gives the bit-identical penalty, and state offered to it is refused."""
     with pytest.raises(ConfigError):
         Composition([{"llds": {"level": "turn"}}])
     comp = Composition(["llds"])
+    first = comp.run_loss_stage(card_inputs(), lambda i: torch.zeros_like(i.log_probs)).terms["llds/llds"]
     comp.save(tmp_path / "s.pt")
-    comp.load(tmp_path / "s.pt")
-    assert comp.state_dict() == {}
-
-
-def trl():
-    """The TRL adapter's test kit (the test is skipped where grpo-plugins-trl is not installed)."""
-    return pytest.importorskip("grpo_plugins_trl.testing", reason="the TRL adapter (grpo-plugins-trl) is not installed")
-
-
-def test_real_trl_run_alone_and_composed():
-    # num_iterations=2: the second pass over a generation moves the policy away from the old log-probs
-    trainer = trl().tiny_grpo_run(["llds"], max_steps=2, num_iterations=2,
-                                        reward_funcs=trl().digit_overlap_reward)
-    rows = [r for r in trainer.state.log_history if "plugins/llds/llds" in r]
-    assert rows and all(math.isfinite(r["plugins/llds/llds"]) and r["plugins/llds/llds"] >= 0 for r in rows)
-    assert all(math.isfinite(r["loss"]) for r in rows)
-    pytest.importorskip("grpo_plugin_ngrpo", reason="the composition partner grpo-plugin-ngrpo is not installed")
-    composed = trl().tiny_grpo_run(["ngrpo", "llds"], max_steps=2, num_iterations=2)
-    assert [r for r in composed.state.log_history if "plugins/llds/frac_gated_actions" in r]
+    assert comp.state_dict() == {} and torch.load(tmp_path / "s.pt", weights_only=True) == {}
+    restored = Composition(["llds"])
+    restored.load(tmp_path / "s.pt")
+    again = restored.run_loss_stage(card_inputs(), lambda i: torch.zeros_like(i.log_probs)).terms["llds/llds"]
+    assert torch.equal(first, again) and bool((first != 0).any())
+    with pytest.raises(PluginError, match="llds.*stateless"):
+        restored.load_state_dict({"llds": {"step": 1}})

@@ -1,4 +1,5 @@
-"""NGRPO: the card's worked example by hand, edge cases, the asymmetric clip, and a real TRL run."""
+"""NGRPO: the card's worked example by hand, edge cases and the asymmetric clip (real TRL runs and the
+reduction to TRL's GRPO: tests/integration/test_round1_trl_runs.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import BatchError, Composition, ConfigError, LossInputs
+from grpo_plugins import BatchError, Composition, ConfigError, LossInputs, PluginError
 from grpo_plugins.testing import make_batch
 from grpo_plugin_ngrpo import asymmetric_clip_loss, ngrpo_advantages
 
@@ -137,48 +138,27 @@ def test_bad_config_is_rejected():
 
 
 def test_stateless_round_trip(tmp_path):
-    comp = Composition(["ngrpo"])
-    assert comp.state_dict() == {}
-    comp.save(tmp_path / "state.pt")
-    comp.load(tmp_path / "state.pt")
-
-
-def trl():
-    """The TRL adapter's test kit (the test is skipped where grpo-plugins-trl is not installed)."""
-    return pytest.importorskip("grpo_plugins_trl.testing", reason="the TRL adapter (grpo-plugins-trl) is not installed")
-
-
-def _plugin_rows(trainer, key):
-    return [row[key] for row in trainer.state.log_history if key in row]
-
-
-def test_real_trl_run_alone_and_composed():
-    # the random tiny model solves nothing: every group is all-wrong, where GRPO has zero loss
-    trainer = trl().tiny_grpo_run(["ngrpo"], max_steps=2)
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    assert losses and all(math.isfinite(x) and x > 0 for x in losses)
-    assert _plugin_rows(trainer, "plugins/ngrpo/frac_uniform_groups_with_signal")
-    pytest.importorskip("grpo_plugin_llds", reason="the composition partner grpo-plugin-llds is not installed")
-    composed = trl().tiny_grpo_run(["ngrpo", "llds"], max_steps=2, num_iterations=2)
-    assert _plugin_rows(composed, "plugins/llds/llds") and _plugin_rows(composed, "plugins/ngrpo/frac_zero_advantage")
-    assert all(math.isfinite(row["loss"]) for row in composed.state.log_history if "loss" in row)
-
-
-def test_reduces_to_trl_grpo_when_its_changes_are_switched_off():
-    """k = 0, TRL's epsilon and symmetric 0.2 clipping: NGRPO's estimator and surrogate reproduce GRPOTrainer."""
-    kit = trl()
-    from trl import GRPOTrainer
-
-    def gradients(plugins, **kwargs):
-        recorder = kit.GradientRecorder()
-        kit.tiny_grpo_run(plugins, max_steps=2, num_iterations=2, callbacks=[recorder],
-                          reward_funcs=kit.digit_overlap_reward, **kwargs)
-        return [torch.cat([g.flatten() for g in step]) for step in recorder.gradients]
-
-    plain = gradients(None, trainer_cls=GRPOTrainer)
-    same = gradients([{"ngrpo": {"num_virtual": 0, "epsilon": 1e-4, "clip_low": 0.2, "clip_high": 0.2}}])
-    assert len(plain) == len(same) == 2
-    for a, b in zip(plain, same):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    calibrated = gradients(["ngrpo"])
-    assert not torch.allclose(plain[0], calibrated[0], rtol=1e-3, atol=1e-5)
+    """NGRPO keeps no state: after batches through both stages its state is still empty, the checkpoint
+    holds nothing, a composition restored from it gives bit-identical advantages, token weights and loss
+    to the one that ran, and state offered to it is refused."""
+    config = [{"ngrpo": {"filter_all_correct": True}}]
+    ran = Composition(config)
+    inputs = LossInputs(log_probs=torch.tensor([[math.log(1.3), math.log(0.8)]]), old_log_probs=torch.zeros(1, 2),
+                        advantages=torch.tensor([[1.0, -1.0]]), mask=torch.ones(1, 2))
+    for groups in ([[0, 0, 1], [1, 1]], [[1, 0], [0, 0, 0, 1]]):
+        ran.run_advantage_stage(batch_of(groups))
+        ran.run_loss_stage(inputs, lambda i: torch.zeros_like(i.log_probs))
+    assert ran.state_dict() == {}
+    ran.save(tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == {}
+    restored = Composition(config)
+    restored.load(tmp_path / "state.pt")
+    after_run = ran.run_advantage_stage(batch_of([[1, 0, 0], [1, 1], [0, 0]]))
+    after_load = restored.run_advantage_stage(batch_of([[1, 0, 0], [1, 1], [0, 0]]))
+    assert torch.equal(after_run.advantages, after_load.advantages)
+    assert torch.equal(after_run.token_weights, after_load.token_weights)
+    assert after_run.token_weights.min() == 0  # the all-correct group is filtered: the stages really ran
+    surrogate = lambda i: torch.zeros_like(i.log_probs)  # noqa: E731
+    assert torch.equal(ran.run_loss_stage(inputs, surrogate).policy, restored.run_loss_stage(inputs, surrogate).policy)
+    with pytest.raises(PluginError, match="ngrpo.*stateless"):
+        restored.load_state_dict({"ngrpo": {"step": torch.tensor(3)}})

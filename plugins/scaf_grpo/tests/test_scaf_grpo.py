@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -184,34 +182,3 @@ def test_hashed_63_bit_prompt_ids_keep_sparse_state():
     state = comp.method("scaf_grpo")
     assert state.prompt_ids.tolist() == [2**62 + 11]
     assert state.levels_of(torch.tensor([3, 2**62 + 11, 2**62])).tolist() == [0, 1, 0]
-
-
-# ----------------------------------------------------------------- short real trainer runs (TRL adapter)
-@pytest.mark.parametrize("extra", [[], ["gdpo"]], ids=["alone", "with_gdpo"])
-def test_tiny_trl_run_hints_stuck_prompts(extra):
-    testing = pytest.importorskip("grpo_plugins_trl.testing")
-    from datasets import Dataset
-
-    # two prompts, so both are drawn every step; a random tiny model fails them -> hints from step 2 on
-    dataset = Dataset.from_dict({
-        "prompt": ["3 + 4 =", "5 + 2 ="], "answer": ["7", "7"], "prompt_id": [0, 1],
-        "hint_knowledge": [["3", "4"], ["5", "2"]], "hint_planning": ["7", "7"], "hint_solution": ["= 7", "= 7"],
-    })
-    config = {"warmup_steps": 1, "chunks_per_tier": 2, "reward_name": "exact_answer_reward"}
-    trainer = testing.tiny_grpo_run(
-        [{"scaf_grpo": config}, *extra], max_steps=3, dataset=dataset,
-        reward_funcs=[testing.exact_answer_reward, testing.digit_overlap_reward],
-    )
-    logs = [row for row in trainer.state.log_history if "loss" in row]
-    assert len(logs) == 3 and all(math.isfinite(float(row["loss"])) for row in logs)
-    hinted = [float(row["plugins/scaf_grpo/hinted_prompt_frac"]) for row in logs]
-    assert hinted[:2] == [0.0, 0.0]  # warm-up step 1 does not count; step 2's failures hint step 3
-    exact = [float(row["rewards/exact_answer_reward/mean"]) for row in logs]
-    last = trainer.last_plugin_batch  # step 3's batch
-    if exact[1] == 0.0:  # both prompts unsolved at step 2 (a random model): step 3 hints both with level 1
-        assert hinted[2] == 1.0
-        assert sorted(last.prompts[::4]) == ["3 + 4 =\nKnowledge Hints: 3", "5 + 2 =\nKnowledge Hints: 5"]
-        if exact[2] == 0.0:
-            assert trainer.composition.method("scaf_grpo").levels_of(torch.tensor([0, 1])).tolist() == [2, 2]
-    if extra:
-        assert any("plugins/gdpo/distinct_advantages_per_group" in row for row in logs)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins import Composition, CompositionError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
 from grpo_plugins.registry import resolve
 from grpo_plugins.testing import make_batch
 from grpo_plugin_vade import expected_variance_score, sample_beta, thompson_select, time_decay
@@ -116,12 +116,34 @@ def test_uneven_groups_and_groups_of_one():
     torch.testing.assert_close(beta, torch.ones(4, dtype=torch.float64))
 
 
+class FirstPrompts(Method):
+    """Another prompt sampler (the compositions with the real spo and knapsack_rl are in tests/integration)."""
+
+    name = "first_prompts"
+
+    @hookimpl
+    def sample_prompts(self, round, generator):
+        return torch.arange(round.num_prompts) % round.dataset_size
+
+
+class EvenAllocator(Method):
+    """A rollout allocator: the round's budget split evenly."""
+
+    name = "even_allocator"
+
+    @hookimpl
+    def allocate_rollouts(self, round, prompt_ids):
+        return torch.full_like(prompt_ids, round.budget // prompt_ids.numel())
+
+
 def test_conflicts_with_another_sampler_and_composes_with_an_allocator():
-    with pytest.raises(CompositionError, match="vade.*spo.*sample_prompts"):
-        Composition(["vade", "spo"])
-    both = Composition(["vade", "knapsack_rl"])
-    assert both.providers("allocate_rollouts") == ["knapsack_rl"]
-    Composition(["vade", {"spo": {"use_sampler": False}}])  # SPO's advantages with VADE's sampler
+    with pytest.raises(CompositionError, match="vade.*first_prompts.*sample_prompts"):
+        Composition(["vade", FirstPrompts()])
+    both = Composition(["vade", EvenAllocator()])
+    assert both.providers("sample_prompts") == ["vade"] and both.providers("allocate_rollouts") == ["even_allocator"]
+    round = PromptRound(num_prompts=2, budget=8, dataset_size=5, step=0, default_rollouts=4)
+    prompts = both.run_sample_prompts(round, torch.Generator().manual_seed(0))
+    assert both.rollout_counts(round, prompts).tolist() == [4, 4]
 
 
 def test_nan_rewards_are_a_clear_error():
@@ -141,21 +163,3 @@ def test_state_round_trip(tmp_path):
     assert torch.equal(first, restored.run_sample_prompts(round, torch.Generator().manual_seed(1)))
     for key, value in composition.state_dict()["vade"].items():
         assert torch.equal(restored.state_dict()["vade"][key], value)
-
-
-def test_trainer_run_alone_and_with_spo_advantages():
-    import math
-
-    trl_testing = pytest.importorskip("grpo_plugins_trl.testing")
-    trainer = trl_testing.tiny_grpo_run(["vade"], max_steps=2, reward_funcs=trl_testing.digit_overlap_reward)
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    assert losses and all(math.isfinite(x) for x in losses)
-    assert any("plugins/vade/mixed_group_fraction" in row for row in trainer.state.log_history)
-    # the prompts the sampler chose are the ones whose posterior moved
-    visited = trainer.composition.method("vade").table.keys
-    assert visited.numel() > 0 and set(visited.tolist()) <= set(torch.cat(list(trainer._plugin_rounds)).tolist())
-    composed = trl_testing.tiny_grpo_run(
-        ["vade", {"spo": {"use_sampler": False}}], max_steps=2, reward_funcs=trl_testing.digit_overlap_reward
-    )
-    logged = set().union(*composed.state.log_history)
-    assert {"plugins/vade/selected_expected_variance", "plugins/spo/mean_value"} <= logged

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
 from grpo_plugin_vas import interleave, min_max_normalise, self_bleu, trajectory_diversity, variance_promotion
 
 
@@ -174,9 +174,18 @@ def test_resumed_run_plans_the_same_rounds(tmp_path):
     assert head + play(resumed, torch.Generator().set_state(generator.get_state()), 4, start=5) == straight
 
 
-def test_composes_with_an_allocator_but_not_a_second_sampler():
-    pytest.importorskip("grpo_plugin_cures", reason="the conflict partner grpo-plugin-cures is not installed")
-    with pytest.raises(CompositionError, match="'vas'.*'cures'.*sample_prompts"):
-        Composition(["vas", "cures"])
-    composition = Composition(["vas", {"cures": {"use_sampler": False}}])  # VAS samples, CurES allocates
-    assert composition.providers("sample_prompts") == ["vas"] and composition.providers("allocate_rollouts") == ["cures"]
+class FirstPrompts(Method):
+    """Another prompt sampler (the compositions with the real cures are in
+    tests/integration/test_sampler_compositions.py)."""
+
+    name = "first_prompts"
+
+    @hookimpl
+    def sample_prompts(self, round, generator):
+        return torch.arange(round.num_prompts) % round.dataset_size
+
+
+def test_a_second_prompt_sampler_is_refused_with_the_switch_to_use():
+    with pytest.raises(CompositionError, match="'vas'.*'first_prompts'.*sample_prompts") as error:
+        Composition(["vas", FirstPrompts()])
+    assert "switch the hook off" in str(error.value)

@@ -9,18 +9,21 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from grpo_plugins import Composition, GRPOBatch, LossInputs
-
-for partner in ("grpo_plugin_ngrpo", "grpo_plugin_llds"):
+pytest.importorskip("trl")
+for partner in ("grpo_plugin_ngrpo", "grpo_plugin_gtpo", "grpo_plugin_llds"):
     pytest.importorskip(partner, reason=f"{partner} (a composition partner) is not installed")
+
+import torch  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from grpo_plugins import Composition, GRPOBatch, LossInputs  # noqa: E402
+from grpo_plugins_trl import testing  # noqa: E402
 
 # the tiny random models' entropy (~2.5 nats) is above the paper's 0.7 cut-off: raise it so GTPO keeps signal
 GTPO_ON_TOP = {"gtpo": {"own_advantages": False, "unclipped_loss": False, "entropy_threshold": 10.0,
                         "entropy_scale": 0.01}}
-FULL = ["ngrpo", GTPO_ON_TOP, "llds"]
+FULL = ["ngrpo", GTPO_ON_TOP, {"llds": {"normaliser": "policy"}}]  # the term aggregated like the policy loss
 
 
 def tiny_lm() -> Qwen2ForCausalLM:
@@ -59,17 +62,18 @@ def gradient(methods, model, old_log_probs):
     batch = comp.run_advantage_stage(GRPOBatch(
         prompt_ids=PROMPT_IDS, rewards=REWARDS.clone(), completion_ids=COMPLETIONS * mask.long(),
         completion_mask=mask, old_log_probs=old_log_probs * mask))
+    # mask_tokens weights multiply the policy loss only; the normaliser is the completion mask's token count
     weights = mask if batch.token_weights is None else mask * batch.token_weights
     advantages = batch.advantages if batch.advantages.dim() == 2 else batch.advantages[:, None].expand_as(mask)
     model.zero_grad()
     log_probs = completion_log_probs(model)
     inputs = LossInputs(log_probs=log_probs, old_log_probs=old_log_probs, advantages=advantages,
-                        mask=weights, row_data=dict(batch.row_data))
+                        mask=mask, row_data=dict(batch.row_data))
     parts = comp.run_loss_stage(inputs, ppo_clip)
-    tokens = weights.gt(0).sum()
+    tokens = mask.sum()
     loss = (parts.policy * weights).sum() / tokens
     for term in parts.terms.values():
-        loss = loss + (term * weights).sum() / tokens
+        loss = loss + (term * mask).sum() / tokens
     loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()]).clone(), batch, parts
 
@@ -113,27 +117,21 @@ def test_llds_adds_exactly_its_term_gradient(setup):
     batch = comp.run_advantage_stage(GRPOBatch(
         prompt_ids=PROMPT_IDS, rewards=REWARDS.clone(), completion_ids=COMPLETIONS * mask.long(),
         completion_mask=mask, old_log_probs=old * mask))
-    weights = mask * batch.token_weights
     model.zero_grad()
     inputs = LossInputs(log_probs=completion_log_probs(model), old_log_probs=old,
-                        advantages=batch.advantages[:, None].expand_as(mask), mask=weights)
+                        advantages=batch.advantages[:, None].expand_as(mask), mask=mask)
     term = comp.run_loss_stage(inputs, ppo_clip).terms["llds/llds"]
-    ((term * weights).sum() / weights.gt(0).sum()).backward()
+    ((term * mask).sum() / mask.sum()).backward()
     alone = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert alone.norm() > 0
     assert torch.allclose(full - without, alone, atol=1e-6)
 
 
-def trl():
-    """The TRL adapter's test kit (the test is skipped where grpo-plugins-trl is not installed)."""
-    return pytest.importorskip("grpo_plugins_trl.testing", reason="the TRL adapter (grpo-plugins-trl) is not installed")
-
-
 def trl_gradients(methods):
-    recorder = trl().GradientRecorder()
+    recorder = testing.GradientRecorder()
     # a large step so that the second pass over the generation sees a correct completion lose likelihood
-    trainer = trl().tiny_grpo_run(methods, max_steps=2, num_iterations=2, callbacks=[recorder], seed=1,
-                                        learning_rate=0.05, reward_funcs=trl().digit_overlap_reward)
+    trainer = testing.tiny_grpo_run(methods, max_steps=2, num_iterations=2, callbacks=[recorder], seed=1,
+                                    learning_rate=0.05, reward_funcs=testing.digit_overlap_reward)
     return trainer, [torch.cat([g.flatten() for g in step]) for step in recorder.gradients]
 
 
