@@ -324,6 +324,11 @@ def fmt(value: Any, spec: str = ".0f") -> str:
     return format(value, spec)
 
 
+def result_stem(mode: str) -> str:
+    """``learning`` for the full mode, ``learning.<mode>`` otherwise: a quick run never overwrites full results."""
+    return "learning" if mode == FULL.name else f"learning.{mode}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     run = s["run"]
@@ -384,7 +389,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"- `{r['configuration']}`: {r['skipped'][:300]}" for r in skipped]
         lines += [""]
     lines += [
-        "![accuracy against rollouts, one panel per regime](learning.png)",
+        f"![accuracy against rollouts, one panel per regime]({result_stem(s['mode'])}.png)",
         "",
         "Verdict: the difference of mean AUC to vanilla against twice its standard error (seed sd floored at "
         "vanilla's); within it, a tie. `inf`: the target was never reached. `(= vanilla)`: every seed trained "
@@ -459,6 +464,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     partial = [f"--{name.replace('_', '-')}" for name in ("only", "configs", "seeds", "steps", "eval_every", "stacks")
                if getattr(args, name) is not None] + (["--regimes"] if tuple(args.regimes) != REGIMES else [])
+    restricted = args.only is not None or args.configs is not None
     mode = QUICK if args.quick else FULL
     run = mode.run
     if args.steps:
@@ -512,13 +518,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.update(execute(plan(configs, regimes, seeds_of), mode, task, checkpoint, args.out, args.jobs,
                                set(), train))
         regimes_report = {regime: summarise_regime(configs, results, regime, mode) for regime in regimes}
-    if args.only is not None or args.report_only:  # the table keeps every configuration stored before
+    if restricted or args.report_only:  # the table keeps every configuration with stored runs
         known = {c.name for c in configs}
-        stored = discover_configurations() + [stack_configuration(n.split("+")) for n in stored_stacks(args.out, mode.name)]
-        extra = [c for c in stored if c.name not in known]
-        results.update(execute(plan(extra, regimes, lambda c: max(mode.seeds_confirmed, 5)), mode, task, checkpoint,
-                               args.out, args.jobs, set(), train=False))
-        configs += extra
+        candidates = discover_configurations() + [stack_configuration(n.split("+")) for n in stored_stacks(args.out, mode.name)]
+        candidates = [c for c in candidates if c.name not in known]
+        loaded = execute(plan(candidates, regimes, lambda c: max(mode.seeds_confirmed, 5)), mode, task, checkpoint,
+                         args.out, args.jobs, set(), train=False)
+        results.update(loaded)
+        configs += [c for c in candidates if any(key[0] == c.name for key in loaded)]
         regimes_report = {regime: summarise_regime(configs, results, regime, mode) for regime in regimes}
 
     report = {
@@ -538,11 +545,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name: r for name, r in regimes_report[headline_regime]["records"].items() if "skipped" not in r
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "learning.json"), "w") as handle:
+    stem = result_stem(mode.name)
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as handle:
         json.dump(stats.json_safe(report), handle, indent=1)
-    with open(os.path.join(args.out, "learning.md"), "w") as handle:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as handle:
         handle.write(markdown(report))
-    plot(report, results, regimes, os.path.join(args.out, "learning.png"))
+    plot(report, results, regimes, os.path.join(args.out, f"{stem}.png"))
     print(markdown(report))
     headline = {
         name: {"rollouts_to_target_median": r["rollouts_to_target"]["median"], "final_accuracy": r["final_accuracy"]["mean"],

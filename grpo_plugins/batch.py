@@ -217,6 +217,19 @@ class LossInputs:
         """``(B, T)`` importance ratio ``exp(log_probs - old_log_probs)``."""
         return torch.exp(self.log_ratio)
 
+    def local_groups(self, method: str) -> tuple[torch.Tensor, int]:
+        """``(B,)`` group ids renumbered ``0 .. G'-1`` within this micro-batch, and ``G'``, for a whole-group
+        objective (trainer feature ``whole_groups``).
+
+        Raises:
+            ValueError: naming ``method``, when the adapter gave no ``group_index``.
+        """
+        if self.group_index is None:
+            raise ValueError(f"{method}: LossInputs.group_index is missing; the adapter must keep whole groups in "
+                             "each micro-batch (trainer feature 'whole_groups')")
+        ids, inverse = torch.unique(self.group_index, return_inverse=True)
+        return inverse, int(ids.numel())
+
 
 NORMALISERS: tuple[str, ...] = ("token", "sequence", "group", "sum")
 

@@ -15,6 +15,7 @@ import pluggy
 
 from grpo_plugins import hookspecs
 from grpo_plugins.batch import GRPOBatch
+from grpo_plugins.api import check_supported
 from grpo_plugins.config import build_config
 from grpo_plugins.errors import CompositionError
 from grpo_plugins.method import Method
@@ -110,6 +111,7 @@ def instantiate(name: str, spec: Any, defaults: Mapping[str, Mapping]) -> Enable
         if type(spec) is GRPO:  # the built-in default, configured by hand
             return EnabledMethod(name, BUILTIN_DISTRIBUTION, __version__, spec, builtin=True)
         module = type(spec).__module__.split(".")[0]
+        check_supported(type(spec), f"<object from {module}>")  # as discovery checks an installed method
         return EnabledMethod(name, f"<object from {module}>", "", spec)
     if name == "grpo" and "grpo" in disabled_names():
         raise CompositionError("method 'grpo' is disabled by GRPO_PLUGINS_DISABLED")

@@ -101,7 +101,7 @@ def test_quick_mode_end_to_end_and_resumes(tmp_path, capsys):
     assert len(warm["checkpoint_sha256"]) == 64
     assert 0.4 <= warm["accuracy"] <= 0.6  # a mid-range start, no level solved or hopeless
     assert all(0.0 < acc < 1.0 for acc in warm["accuracy_by_level"].values())
-    saved = json.loads((tmp_path / "learning.json").read_text())
+    saved = json.loads((tmp_path / "learning.quick.json").read_text())
     assert saved["noise"]["sd_at_target"] >= 0.0 and saved["noise"]["seeds"] == 2
     assert "oracle_rollouts_ratio" in saved["sensitivity"]
     pairs = {(r["configuration"], r["regime"]) for r in saved["records"]}
@@ -116,9 +116,9 @@ def test_quick_mode_end_to_end_and_resumes(tmp_path, capsys):
     # on the fresh pool no prompt is seen twice, so knapsack_rl has no history and trains like vanilla
     fresh = {r["configuration"]: r for r in saved["records"] if r["regime"] == "fresh"}
     assert fresh["knapsack_rl"]["identical_to_vanilla_seeds"] == 2
-    md = (tmp_path / "learning.md").read_text()
+    md = (tmp_path / "learning.quick.md").read_text()
     assert md.count("| ngrpo |") == 2 and "noise.sd_at_target" in md
-    assert (tmp_path / "learning.png").stat().st_size > 0
+    assert (tmp_path / "learning.quick.png").stat().st_size > 0
     capsys.readouterr()
     again = learning.main(args)  # every run is stored: nothing trains again
     assert "runs to do" not in capsys.readouterr().out

@@ -156,6 +156,23 @@ def test_a_method_needing_a_newer_api_is_refused_at_start_up_naming_the_version(
     assert f"provides plugin API {api.PLUGIN_API}: upgrade grpo-plugins" in message
 
 
+def test_a_method_object_needing_a_newer_api_is_refused_too():
+    """A Method instance given straight to the run list is checked like an installed one."""
+
+    class FromTheFuture(Method):
+        """Needs plugin API 2."""
+
+        name = "from_the_future"
+        plugin_api = ">=2.0,<3"
+
+        @hookimpl
+        def shape_rewards(self, rewards):
+            return rewards
+
+    with pytest.raises(api.PluginAPIError, match=r"method 'from_the_future' \(distribution <object from .*supports plugin API >=2.0,<3"):
+        Composition([FromTheFuture()])
+
+
 def test_a_method_written_against_the_first_api_keeps_working():
     """Written against 1.0 (round-1 hooks only, no needs(), no example()): runs on this 1.x core."""
 

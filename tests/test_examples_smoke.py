@@ -33,7 +33,7 @@ def test_demo_trains_both_runs_and_writes_the_plot(tmp_path):
 
 
 def test_learning_benchmark_writes_results(tmp_path):
-    out = run("benchmarks/learning.py", "--seeds", "1", "--steps", "2", "--configs", "ngrpo", "--out", str(tmp_path))
+    out = run("benchmarks/learning.py", "--seeds", "1", "--steps", "2", "--configs", "ngrpo", "--regimes", "revisited", "--out", str(tmp_path))
     headline = json.loads(out.strip().splitlines()[-1])
     assert set(headline["headline"]) == {"vanilla", "ngrpo"}
     summary = json.loads((tmp_path / "learning.json").read_text())["summary"]

@@ -35,8 +35,12 @@ from grpo_plugins.ops import global_mean_std, segment_count, segment_max, segmen
 
 
 def success_rates(scores: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``p_g``: mean of ``scores`` ``(N,)`` in each group -> ``(G,)``; a group of one gets 0 (the paper's code)."""
-    means = segment_mean(scores, index, num_groups)
+    """``p_g``: mean of ``scores`` ``(N,)`` in each group -> ``(G,)`` float64; a group of one gets 0 (the paper's code).
+
+    Summed in float64, where the sum of float32 scores in ``[0, 1]`` is exact in any order: two groups
+    holding the same rewards in another order get the very same rate (so an all-equal batch has ``v = 0``).
+    """
+    means = segment_mean(scores.double(), index, num_groups)
     return torch.where(segment_count(index, num_groups) > 1, means, torch.zeros_like(means))
 
 
@@ -46,9 +50,18 @@ def beta_parameters(rates: torch.Tensor, parallel: ParallelContext | None = None
     Method of moments with a third of the fitted excess: ``k = m (1 - m) / v - 1``,
     ``alpha = max(1 + k m / 3, 1)``, ``beta = max(1 + k (1 - m) / 3, 1)``. One group in the whole
     batch uses ``m = 0, v = 1``; a zero variance (every group at the same rate) uses ``alpha = beta = 1``.
+    "Every group at the same rate" is decided exactly from the global maximum and minimum of ``rates``
+    (in ``[0, 1]``), not from a float variance, which can keep a rounding residue and then give a
+    huge ``k``.
     """
     parallel = parallel or ParallelContext()
     rates = rates.double()
+    # global max and min through a sum: each rank fills its own slot with (has rates, max, min)
+    slots = rates.new_zeros(parallel.world_size, 3)
+    if rates.numel():
+        slots[parallel.rank] = torch.stack([rates.new_tensor(1.0), rates.max(), rates.min()])
+    present, highest, lowest = parallel.all_reduce_sum(slots).unbind(1)
+    all_equal = highest[present > 0].max() <= lowest[present > 0].min() if bool((present > 0).any()) else True
     count = parallel.all_reduce_sum(rates.new_tensor([rates.numel()]))[0]
     mean, std = global_mean_std(rates, parallel, unbiased=True)
     mean = torch.where(count > 1, mean, torch.zeros_like(mean))
@@ -56,7 +69,7 @@ def beta_parameters(rates: torch.Tensor, parallel: ParallelContext | None = None
     excess = mean * (1 - mean) / var.clamp(min=torch.finfo(torch.float64).tiny) - 1
     alpha = torch.clamp(1 + excess * mean / 3, min=1.0)
     beta = torch.clamp(1 + excess * (1 - mean) / 3, min=1.0)
-    flat = var == 0
+    flat = (var == 0) | ((count > 1) & all_equal)
     one = torch.ones_like(alpha)
     return torch.where(flat, one, alpha), torch.where(flat, one, beta)
 
@@ -85,7 +98,7 @@ def bnpo_advantages(
     rates = success_rates(scores, index, num_groups)
     alpha, beta = beta_parameters(rates, parallel)
     weights = (1.0 / beta_density(rates, alpha, beta)).clamp(0.0, max_weight).to(scores.dtype)
-    advantages = weights.index_select(0, index) * (scores - rates.index_select(0, index))
+    advantages = weights.index_select(0, index) * (scores - rates.index_select(0, index).to(scores.dtype))
     constant = segment_max(scores, index, num_groups) == segment_min(scores, index, num_groups)
     constant = constant & (segment_count(index, num_groups) > 1)  # a group of one keeps s - 0 (the code's baseline)
     return torch.where(constant.index_select(0, index), torch.zeros_like(advantages), advantages), alpha, beta

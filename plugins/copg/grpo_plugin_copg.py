@@ -33,15 +33,6 @@ from grpo_plugins import POSITIVE, Example, GRPOBatch, LossInputs, LossTerm, Met
 from grpo_plugins.ops import segment_count, segment_mean
 
 
-def micro_batch_groups(group_index: torch.Tensor | None, method: str) -> tuple[torch.Tensor, int]:
-    """``(B,)`` group ids renumbered ``0..G'-1`` within the micro-batch, and ``G'``."""
-    if group_index is None:
-        raise ValueError(f"{method}: LossInputs.group_index is missing; the adapter must keep whole groups in "
-                         "each micro-batch (trainer feature 'whole_groups')")
-    ids, inverse = torch.unique(group_index, return_inverse=True)
-    return inverse, int(ids.numel())
-
-
 def pairwise_losses(rewards: torch.Tensor, log_ratio: torch.Tensor, group: torch.Tensor, num_groups: int,
                     beta: float) -> torch.Tensor:
     """``(B,)`` per-row CoPG loss ``2K / (K - 1) (R_beta_i - mean_g R_beta)^2``, 0 in groups of one.
@@ -100,7 +91,7 @@ class CoPG(Method):
         if inputs.ref_log_probs is None:
             raise ValueError("copg: LossInputs.ref_log_probs is missing (the adapter computes reference log-probs "
                              "for methods that declare them)")
-        group, count = micro_batch_groups(inputs.group_index, self.name)
+        group, count = inputs.local_groups(self.name)
         keep = inputs.mask > 0
         log_ratio = torch.where(keep, inputs.log_probs - inputs.ref_log_probs, 0.0).sum(-1)
         rewards = inputs.row_data["copg_reward"].to(log_ratio.dtype)

@@ -96,8 +96,10 @@ def copo_advantages(
     group ids in ``[0, G)``. See the module docstring for the formula.
     """
     local = local_advantages(rewards, index, num_groups, epsilon)
-    consistency = segment_mean(rewards, index, num_groups)
-    glob = global_advantages(consistency, parallel, epsilon).index_select(0, index)
+    # float64: the sum of float32 rewards is then exact in any order, so groups with the same rewards in
+    # another order get the very same c_g (a float32 rounding residue would be divided by std c + eps)
+    consistency = segment_mean(rewards.double(), index, num_groups)
+    glob = global_advantages(consistency, parallel, epsilon).to(rewards.dtype).index_select(0, index)
     weights = blend_weights(answer_entropy(answer_ids, index, num_groups, entropy_base), sharpness, threshold)
     weights = weights.to(rewards.dtype).index_select(0, index)
     if blend == "soft_with_zero":

@@ -8,10 +8,12 @@ decides which completions and tokens enter the loss:
    ``j`` largest and the ``k - j`` smallest for some ``j`` in ``0..k``; every ``j`` is scanned at once
    (``(G, k_max + 1)`` candidate variances from prefix sums). Ties choose the smallest ``j``; equal
    advantages are ordered by position (stable sort).
-2. **Token level.** Among the kept completions' real tokens, score ``s_{i,t} = |A_{i,t}| H_{i,t}`` (``H`` the
-   behaviour policy's token entropy, ``GRPOBatch.old_entropies``) and keep the tokens scoring at least the
-   ``1 - rho_t`` quantile of the scores (linear interpolation, over the whole global batch) -- TRL's rule
-   for ``top_entropy_quantile``, which D3S equals when ``|A|`` is constant and ``rho_s = 1``.
+2. **Token level.** Among the kept completions' real tokens (``n`` over the whole global batch), score
+   ``s_{i,t} = |A_{i,t}| H_{i,t}`` (``H`` the behaviour policy's token entropy, ``GRPOBatch.old_entropies``)
+   and keep the ``ceil(rho_t n)`` highest scores, equal scores in batch order (``token_selection='top_count'``,
+   the card). ``'quantile'`` keeps instead every score at least the ``1 - rho_t`` quantile (linear
+   interpolation, ties kept) -- TRL's rule for ``top_entropy_quantile``, which D3S then equals when ``|A|``
+   is constant and ``rho_s = 1``.
 3. **Dynamic schedule.** ``rho(step) = rho_start + (1 - rho_start) min(1, step / (ramp_fraction total_steps))``
    for both levels: aggressive down-sampling early, none at the end of the ramp.
 
@@ -25,6 +27,9 @@ Shapes: ``N`` completions, ``G`` groups, ``T`` tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import math
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -85,8 +90,13 @@ def gather_values(values: torch.Tensor, parallel: ParallelContext) -> torch.Tens
     """``(n,)`` values of this rank -> every rank's values concatenated (rank order); unchanged when the
     batch is already global. (The core's ``ParallelContext`` only sums across ranks; a quantile needs the
     values themselves.)"""
+    return gather_with_offset(values, parallel)[0]
+
+
+def gather_with_offset(values: torch.Tensor, parallel: ParallelContext) -> tuple[torch.Tensor, int]:
+    """Every rank's ``(n,)`` values concatenated in rank order, and where this rank's values start in it."""
     if parallel.gathered or parallel.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return values
+        return values, 0
     sizes = [torch.zeros((), dtype=torch.long, device=values.device) for _ in range(parallel.world_size)]
     dist.all_gather(sizes, torch.tensor(values.numel(), device=values.device))
     width = int(max(sizes))
@@ -94,7 +104,26 @@ def gather_values(values: torch.Tensor, parallel: ParallelContext) -> torch.Tens
     padded[: values.numel()] = values
     pieces = [torch.empty_like(padded) for _ in range(parallel.world_size)]
     dist.all_gather(pieces, padded)
-    return torch.cat([piece[: int(size)] for piece, size in zip(pieces, sizes)])
+    offset = int(sum(int(size) for size in sizes[: parallel.rank]))
+    return torch.cat([piece[: int(size)] for piece, size in zip(pieces, sizes)]), offset
+
+
+def top_count_tokens(
+    scores: torch.Tensor, candidates: torch.Tensor, rho: float, parallel: ParallelContext | None = None
+) -> torch.Tensor:
+    """``(N, T)`` bool: the ``ceil(rho n)`` candidate tokens with the highest scores, ``n`` the candidates over
+    every rank (the card's rule); equal scores are taken in batch order (row-major, ranks in order)."""
+    if rho >= 1.0:
+        return candidates.clone()
+    pool, offset = gather_with_offset(scores[candidates].double(), parallel or ParallelContext())
+    if pool.numel() == 0:
+        return candidates.clone()
+    count = max(1, math.ceil(rho * pool.numel() - 1e-9))
+    chosen = torch.zeros(pool.numel(), dtype=torch.bool, device=pool.device)
+    chosen[torch.argsort(-pool, stable=True)[:count]] = True
+    kept = torch.zeros_like(candidates)
+    kept[candidates] = chosen[offset: offset + int(candidates.sum())]
+    return kept
 
 
 def top_score_tokens(
@@ -128,6 +157,10 @@ class D3SConfig:
     ramp_fraction: float = option(0.5, "Both fractions rise linearly to 1 over this fraction of the run's steps "
                                   "(0: no down-sampling at all; the run's length must be known otherwise).",
                                   paper="not given (inferred half of training)", domain=UNIT)
+    token_selection: Literal["top_count", "quantile"] = option(
+        "top_count", "Token level: keep the ceil(rho_t n) highest scores ('top_count', the card; ties in batch "
+        "order) or every score at least the 1 - rho_t quantile ('quantile', TRL's top_entropy_quantile rule, "
+        "ties kept).", paper="top_count")
     renormalise: bool = option(True, "Weight kept tokens by n_real / n_kept so that the token mean runs over the "
                                "kept tokens (the paper); False: weight 1 (TRL's top_entropy_quantile convention).")
 
@@ -170,7 +203,8 @@ class D3S(Method):
         entropies = torch.where(mask, batch.old_entropies, 0.0)
         scores = token_advantages.abs() * entropies
         candidates = mask & kept_rows[:, None]
-        kept = top_score_tokens(scores, candidates, rho_t, batch.parallel)
+        select = top_count_tokens if self.config.token_selection == "top_count" else top_score_tokens
+        kept = select(scores, candidates, rho_t, batch.parallel)
         real, count = batch.parallel.all_reduce_sum(torch.stack([mask.sum(), kept.sum()]).double()).tolist()
         weight = real / count if self.config.renormalise and count > 0 else 1.0
         rows = batch.parallel.all_reduce_sum(torch.stack([kept_rows.sum(), torch.tensor(kept_rows.numel(), device=kept_rows.device)]).double())

@@ -32,15 +32,6 @@ from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, Example, GRPOBatch, Los
 from grpo_plugins.ops import masked_mean, segment_max, segment_mean, segment_sum
 
 
-def micro_batch_groups(group_index: torch.Tensor | None, method: str) -> tuple[torch.Tensor, int]:
-    """``(B,)`` group ids renumbered ``0..G'-1`` within the micro-batch, and ``G'``."""
-    if group_index is None:
-        raise ValueError(f"{method}: LossInputs.group_index is missing; the adapter must keep whole groups in "
-                         "each micro-batch (trainer feature 'whole_groups')")
-    ids, inverse = torch.unique(group_index, return_inverse=True)
-    return inverse, int(ids.numel())
-
-
 def disco_objective(scores: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, group: torch.Tensor,
                     num_groups: int, tau: float | None) -> torch.Tensor:
     """``(G',)`` per-group objective ``J_q``; 0 for a group without a positive or without a negative.
@@ -120,7 +111,7 @@ class DisCO(Method):
     @hookimpl
     def loss_objectives(self, inputs: LossInputs) -> dict[str, LossTerm]:
         cfg = self.config
-        group, count = micro_batch_groups(inputs.group_index, self.name)
+        group, count = inputs.local_groups(self.name)
         mask = inputs.mask
         values = inputs.log_probs if cfg.score == "logL" else inputs.ratio
         scores = masked_mean(torch.where(mask > 0, values, 0.0), mask, dim=-1)

@@ -87,24 +87,29 @@ def polychromic_advantages(
     The groups are visited once per distinct group size (a handful); within a size every group is
     handled at once. ``b_g = sum_i sum_{S contains i} f(S) / sum_i #{S contains i}`` (each set counted
     ``n`` times above and below), so with ``n = 1`` every sum is the one GRPO's centring computes.
+    The sums run in float64; a group whose sets all score the same (e.g. equal rewards) gets exactly 0.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    dtype, rewards = rewards.dtype, rewards.double()
     sizes = segment_count(index, num_groups)
     order = torch.argsort(index, stable=True)
     starts = torch.cumsum(sizes, 0) - sizes
     score_sum = torch.zeros_like(rewards)
     hits = torch.zeros_like(rewards)
+    flat_group = torch.zeros(num_groups, dtype=torch.bool, device=index.device)
     for size in torch.unique(sizes).tolist():
         groups = torch.nonzero(sizes == size).flatten()
         members = order[starts[groups, None] + torch.arange(size, device=index.device)]  # (R, size)
         sets = group_subsets(members, set_size, num_subsets, generator)  # (R, S, n)
         scores = set_scores(rewards, keys, sets)
+        flat_group[groups] = scores.amax(dim=-1) == scores.amin(dim=-1)
         flat = sets.reshape(-1)
         score_sum.index_add_(0, flat, scores.unsqueeze(-1).expand_as(sets).reshape(-1))
         hits.index_add_(0, flat, torch.ones_like(flat, dtype=rewards.dtype))
     baseline = segment_sum(score_sum, index, num_groups) / segment_sum(hits, index, num_groups).clamp(min=1)
     marginal = score_sum / hits.clamp(min=1) - baseline.index_select(0, index)
-    return torch.where(hits > 0, marginal, torch.zeros_like(marginal)), baseline
+    zero = (hits == 0) | flat_group.index_select(0, index)
+    return torch.where(zero, torch.zeros_like(marginal), marginal).to(dtype), baseline.to(dtype)
 
 
 def scale_by_group_std(advantages: torch.Tensor, index: torch.Tensor, num_groups: int, epsilon: float) -> torch.Tensor:

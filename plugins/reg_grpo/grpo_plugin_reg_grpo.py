@@ -33,15 +33,6 @@ from grpo_plugins import POSITIVE, Example, GRPOBatch, LossInputs, LossTerm, Met
 from grpo_plugins.ops import constant_groups, masked_mean, segment_max, segment_mean, segment_std
 
 
-def micro_batch_groups(group_index: torch.Tensor | None, method: str) -> tuple[torch.Tensor, int]:
-    """``(B,)`` group ids renumbered ``0..G'-1`` within the micro-batch, and ``G'``."""
-    if group_index is None:
-        raise ValueError(f"{method}: LossInputs.group_index is missing; the adapter must keep whole groups in "
-                         "each micro-batch (trainer feature 'whole_groups')")
-    ids, inverse = torch.unique(group_index, return_inverse=True)
-    return inverse, int(ids.numel())
-
-
 def population_zscore(values: torch.Tensor, group: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
     """``(N,)`` ``(v - mean_g v) / (std_g v + eps)`` with the population std, differentiable (a group
     without spread gets a zero std with a finite gradient)."""
@@ -108,7 +99,7 @@ class RegGRPO(Method):
     @hookimpl
     def loss_objectives(self, inputs: LossInputs) -> dict[str, LossTerm]:
         cfg = self.config
-        group, count = micro_batch_groups(inputs.group_index, self.name)
+        group, count = inputs.local_groups(self.name)
         targets = masked_mean(torch.where(inputs.mask > 0, inputs.advantages, 0.0), inputs.mask, dim=-1).detach()
         losses = reg_grpo_losses(inputs.log_probs, inputs.old_log_probs, inputs.mask, targets, group, count,
                                  cfg.scale, cfg.eps)

@@ -57,8 +57,11 @@ def clean_verl_runtime():
 
 def with_grpo(methods: list) -> list:
     """``methods`` with the built-in ``grpo`` configured alike on both trainers (its own config wins)."""
-    out = [{"grpo": {**GRPO["grpo"], **(m.get("grpo") or {})}} if m == "grpo" or (isinstance(m, dict) and "grpo" in m)
-           else m for m in [{"grpo": {}} if m == "grpo" else m for m in methods]]
+    out = []
+    for method in methods:
+        if method == "grpo" or (isinstance(method, dict) and "grpo" in method):
+            method = {"grpo": {**GRPO["grpo"], **(method["grpo"] if isinstance(method, dict) else {})}}
+        out.append(method)
     return out if any(isinstance(m, dict) and "grpo" in m for m in out) else [GRPO, *out]
 
 
@@ -81,9 +84,10 @@ def generation_batch(example: Example, seed: int = 0, num_tokens: int = 6) -> di
     keep = batch.completion_mask > 0
     noise, entropies = torch.randn(keep.shape, generator=gen), torch.rand(keep.shape, generator=gen) * 3
     return dict(
-        prompt_ids=batch.prompt_ids, rewards=batch.rewards, completion_ids=torch.where(keep, 3 + batch.completion_ids % 13, 0),
-        completion_mask=keep.long(), old_log_probs=batch.old_log_probs,
-        log_probs=torch.where(keep, batch.old_log_probs + 0.1 * noise, 0.0), entropies=torch.where(keep, entropies, 0.0),
+        prompt_ids=batch.prompt_ids, rewards=batch.rewards,
+        completion_ids=torch.where(keep, 3 + batch.completion_ids % 13, 0), completion_mask=keep.long(),
+        old_log_probs=batch.old_log_probs, log_probs=torch.where(keep, batch.old_log_probs + 0.1 * noise, 0.0),
+        entropies=torch.where(keep, entropies, 0.0),
         ref_log_probs=batch.ref_log_probs, reward_components=batch.reward_components, reward_names=batch.reward_names,
         prompts=batch.prompts, completions=batch.completions, rows=batch.rows,
     )
@@ -106,10 +110,11 @@ def assert_same_on_both(methods: list, example: Example, loss_type: str = "dapo"
     total_steps = example.total_steps or 2
     trl, trl_refused = refusal(lambda: trl_loss_on_batch(methods, **data, loss_type=loss_type, max_steps=total_steps,
                                                          dataset=example_dataset(example)))
-    verl, verl_refused = refusal(lambda: verl_loss_on_batch(methods, **data, old_entropies=data["entropies"],
-                                                            total_steps=total_steps, loss_agg_mode=AGGREGATIONS[loss_type]))
+    verl, verl_refused = refusal(lambda: verl_loss_on_batch(
+        methods, **data, old_entropies=data["entropies"], total_steps=total_steps, loss_agg_mode=AGGREGATIONS[loss_type]))
     names = [next(iter(m)) if isinstance(m, dict) else m for m in methods]
-    assert not (trl_refused and verl_refused), f"{names} run on neither trainer:\nTRL: {trl_refused}\nverl: {verl_refused}"
+    assert not (trl_refused and verl_refused), \
+        f"{names} run on neither trainer:\nTRL: {trl_refused}\nverl: {verl_refused}"
     for refused in (trl_refused, verl_refused):
         if refused is not None:
             assert any(f"method '{name}'" in str(refused) for name in names), refused

@@ -42,7 +42,7 @@ def test_equals_trl_top_entropy_quantile_when_abs_advantage_is_constant(quantile
     entropies = torch.rand(n, width) * 3
     batch = GRPOBatch(prompt_ids=torch.arange(n) // 2, rewards=torch.tensor([1.0, 0.0] * 4), completion_mask=mask,
                       completion_ids=torch.ones(n, width, dtype=torch.long), old_entropies=entropies, total_steps=10)
-    config = {"sample_rho_start": 1.0, "token_rho_start": quantile, "renormalise": False}
+    config = {"sample_rho_start": 1.0, "token_rho_start": quantile, "renormalise": False, "token_selection": "quantile"}
     batch = Composition([{"d3s": config}]).run_advantage_stage(batch)
     assert torch.allclose(batch.advantages.abs(), batch.advantages.abs()[0])
     theirs = trainer.get_high_entropy_mask(entropies, mask, 1 - quantile)

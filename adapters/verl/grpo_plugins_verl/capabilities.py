@@ -38,7 +38,8 @@ NOT_IMPLEMENTED = {
     "update_control": "the verl adapter does not run scale_update yet",
 }
 """Designed features (``docs/design.md``) the verl adapter does not implement, with the reason."""
-AGGREGATION = {"token-mean": "token_mean", "seq-mean-token-mean": "sequence_mean", "seq-mean-token-sum-norm": "sequence_sum"}
+AGGREGATION = {"token-mean": "token_mean", "seq-mean-token-mean": "sequence_mean",
+               "seq-mean-token-sum-norm": "sequence_sum"}
 """verl's ``loss_agg_mode`` -> the neutral ``loss_aggregation`` (other modes are reported as verl spells them)."""
 SETTING_NAMES = {
     "loss_aggregation": "actor_rollout_ref.actor.loss_agg_mode",
@@ -72,7 +73,8 @@ def verl_capabilities(config: Any = None, columns: Iterable[str] | None = None) 
     caps = caps.with_settings(
         loss_aggregation=AGGREGATION.get(aggregation, aggregation),
         importance_sampling="sequence" if loss_mode == "gspo" else "token",
-        on_policy=int(actor.get("ppo_epochs", 1)) == 1 and actor.get("ppo_mini_batch_size") == config.data.train_batch_size,
+        on_policy=int(actor.get("ppo_epochs", 1)) == 1
+        and actor.get("ppo_mini_batch_size") == config.data.train_batch_size,
         group_size=int(config.actor_rollout_ref.rollout.n),
         reference_model=bool(need_reference_policy(config)),
     )

@@ -98,6 +98,18 @@ def test_zero_variance_batch_uses_uniform_beta():
     assert adv.tolist() == [0.5, -0.5, -0.5, 0.5]
 
 
+def test_equal_rates_in_another_order_are_a_zero_variance_batch():
+    # every group holds the same rewards (mean 2.8 / 7 = .4) in another order: all rates are equal, so
+    # v = 0 and alpha = beta = 1 (weight 1), A = r - .4 -- not a float rounding residue of v that makes
+    # k ~ 1e13 and the advantages ~ 1e-8
+    rewards = [0.3, 0.1, 0.7, 0.9, 0.2, 0.55, 0.05]
+    orders = [[0, 1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1, 0], [3, 0, 5, 1, 6, 2, 4],
+              [2, 4, 6, 0, 1, 3, 5], [5, 3, 1, 6, 4, 0, 2], [1, 6, 0, 4, 5, 2, 3]]
+    flat = [rewards[i] for order in orders for i in order]
+    adv = advantages(["bnpo"], batch_of(flat, [g for g in range(6) for _ in range(7)]))
+    assert adv.tolist() == pytest.approx([r - 0.4 for r in flat], abs=1e-6)
+
+
 def test_single_prompt_batch_uses_m0_v1():
     # one group: m = 0, v = 1 -> k = -1, alpha = 1, beta = max(1 - 1/3, 1) = 1: weight 1
     adv = advantages(["bnpo"], batch_of([1, 0, 0, 0], [3, 3, 3, 3]))

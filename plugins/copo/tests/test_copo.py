@@ -74,6 +74,16 @@ def test_constant_batch_is_exactly_zero_at_any_scale():
         assert adv.tolist() == [0.0] * 6
 
 
+def test_groups_with_equal_means_in_another_order_have_no_global_advantage():
+    # both groups hold .1, .1, .1, .7, .7, .7 (c = .4 each): A_glob = 0 exactly, not a float32 rounding
+    # residue of c divided by std c + 1e-6. Local: +-.3 / (.3 sqrt(6/5)) = +-sqrt(5/6); H = 1 bit, so
+    # w = sigmoid(5 (1 - 1)) = .5 and A = +-.5 sqrt(5/6) = +-.45644
+    rewards = [0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 0.1, 0.1, 0.7, 0.7, 0.1, 0.7]
+    adv = advantages(["copo"], batch_of(rewards, [0] * 6 + [1] * 6))
+    half = 0.5 * math.sqrt(5 / 6)
+    assert adv.tolist() == pytest.approx([half if r > 0.5 else -half for r in rewards], abs=1e-5)
+
+
 def test_constant_group_local_advantage_is_exactly_zero():
     # group 0 constant at 0.1 (local 0 exactly), group 1 varies: only the global term reaches group 0
     adv = advantages([CARD], batch_of([0.1, 0.1, 1.0, 0.0], [0, 0, 1, 1]))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from grpo_plugins import Composition, CompositionError, GRPOBatch, TrainerCapabilities
-from grpo_plugin_d3s import max_variance_subset, schedule, top_score_tokens
+from grpo_plugin_d3s import max_variance_subset, schedule, top_count_tokens, top_score_tokens
 
 
 def test_card_sample_level_example():
@@ -44,9 +44,29 @@ def run(rewards, prompt_ids, entropies, step=0, total=10, config=None, width=3):
     return Composition([{"d3s": config or {}}]).run_advantage_stage(b)
 
 
-def test_weights_through_the_composition_renormalised():
+def test_card_token_count_is_ceil_of_rho_n():
+    # the card keeps ceil(rho_t n) tokens: n = 7, rho_t = 0.3 -> 3 (the 0.7 quantile rule would keep 2)
+    scores = torch.tensor([[0.7, 0.1, 0.6, 0.2], [0.5, 0.3, 0.4, 9.0]])
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    assert top_count_tokens(scores, valid, 0.3).tolist() == [[True, False, True, False], [True, False, False, False]]
+    assert int(top_score_tokens(scores, valid, 0.3).sum()) == 2
+    # equal scores are taken in batch order: exactly ceil(0.5 * 5) = 3 of five equal scores, the first three
+    assert top_count_tokens(torch.ones(1, 5), torch.ones(1, 5).bool(), 0.5).tolist() == [[True, True, True, False, False]]
+
+
+def test_default_token_rule_counts_kept_tokens_renormalised():
     ent = [[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [2.0, 2.0, 9.0]]
     b = run([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 1], ent, config={"sample_rho_start": 1.0})
+    # |A| = 0.7071 everywhere: scores follow the entropies; 11 real tokens -> ceil(5.5) = 6 kept: 3, 2, 2, 2 and
+    # the first two of the 1.0s in batch order
+    kept = b.token_weights > 0
+    assert kept.tolist() == [[True, True, True], [True, False, False], [False, False, False], [True, True, False]]
+    assert torch.allclose(b.token_weights[kept], torch.tensor(11 / 6))
+
+
+def test_weights_through_the_composition_renormalised():
+    ent = [[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [2.0, 2.0, 9.0]]
+    b = run([1.0, 0.0, 1.0, 0.0], [0, 0, 1, 1], ent, config={"sample_rho_start": 1.0, "token_selection": "quantile"})
     # |A| = 0.7071 everywhere: scores follow the entropies; 11 real tokens, quantile 0.5 = 1.0 -> 9 kept
     kept = b.token_weights > 0
     assert kept.tolist() == [[True, True, True], [True, True, True], [False, False, False], [True, True, False]]

@@ -48,7 +48,8 @@ def test_set_size_one_equals_grpo_without_std_exactly():
     texts = [str(i % 3) for i in range(23)]
     poly = advantages([{"polychromic": {"set_size": 1}}], batch_of(rewards.tolist(), ids.tolist(), texts))
     grpo = advantages([{"grpo": {"scale": "none"}}], batch_of(rewards.tolist(), ids.tolist()))
-    assert torch.equal(poly, grpo)
+    # the same sums (polychromic's in float64, GRPO's in float32): equal up to float32 rounding
+    assert torch.allclose(poly, grpo, rtol=1e-6, atol=1e-6)
 
 
 def test_random_subsets_are_seeded_by_step_and_approach_the_exact_value():
@@ -84,6 +85,13 @@ def test_constant_groups_and_identical_keys_give_zero():
     # equal rewards but different keys are not constant: diversity alone moves the advantage
     adv = advantages([{"polychromic": {"set_size": 2}}], batch_of([1.0] * 4, [0] * 4, ["x", "x", "y", "z"]))
     assert adv[2] > 0 > adv[0]
+
+
+def test_equal_rewards_with_distinct_keys_give_exactly_zero_at_any_scale():
+    # 8 distinct keys, every reward 1e4 / 7, n = 3: every one of the 56 sets scores 1e4 / 7 * 3 / 3, so
+    # every A_i = mean of equal scores - the same mean = 0 exactly (not a float32 residue of the sums)
+    adv = advantages([{"polychromic": {"set_size": 3}}], batch_of([1e4 / 7] * 8, [0] * 8, completions=list("abcdefgh")))
+    assert adv.tolist() == [0.0] * 8
 
 
 def test_uneven_groups_shuffled_and_too_small_groups():
