@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from grpo_plugins import hookspecs
-from grpo_plugins.hooktable import COMBINE_MODES, DTYPES, HOOKS, TABLE
+from grpo_plugins.hooktable import COMBINE_MODES, DTYPES, TABLE
 
 _SECTION = re.compile(r"^(Args|Returns):$")
 _ITEM = re.compile(r"^(\w+): (.*)$")

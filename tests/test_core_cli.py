@@ -230,12 +230,21 @@ def test_check_runs_the_verl_adapters_checks_and_reports_every_problem(tmp_path,
     run.write_text(VERL_CONFIG)
     assert main(["check", str(run)]) == 1
     assert capsys.readouterr().err.splitlines() == [
-        f"error: {run}: 3 problems:",
+        f"error: {run}: 5 problems:",
         "- unknown key 'trainer.nnode' in the verl config (did you mean 'trainer.nnodes'?)",
-        "- actor.policy_loss.loss_mode=gspo: methods ['sapo'] change the loss on top of verl's vanilla PPO loss; "
-        "use loss_mode=vanilla (or grpo_plugins)",
-        "- trainer.v1.trainer_mode=separate_async: methods implementing ['sample_prompts', 'observe'] (or keeping "
-        "state) need the grpo_plugins sync trainer; use trainer.v1.trainer_mode=sync",
+        *[
+            f"- method 'vade' needs trainer feature '{feature}' ({what}); verl lacks it: "
+            "trainer.v1.trainer_mode=separate_async (the grpo_plugins trainer is verl's sync trainer; use "
+            "trainer.v1.trainer_mode=sync)"
+            for feature, what in [
+                ("after_step", "a call after each optimiser step (hook observe)"),
+                ("method_state", "method state saved with every checkpoint and restored on resume"),
+                ("prompt_selection", "choosing the prompts of each round (hook sample_prompts)"),
+            ]
+        ],
+        "- method 'sapo' needs trainer feature 'token_loss' (a per-token loss assembled from the method's hooks "
+        "(policy_surrogate, gate_loss, loss_terms)); verl lacks it: actor.policy_loss.loss_mode=gspo (the "
+        "methods' loss stage runs on verl's vanilla PPO loss; use loss_mode=vanilla)",
     ]
 
 

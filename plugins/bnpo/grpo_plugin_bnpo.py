@@ -37,7 +37,8 @@ from grpo_plugins.ops import global_mean_std, segment_count, segment_max, segmen
 def success_rates(scores: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
     """``p_g``: mean of ``scores`` ``(N,)`` in each group -> ``(G,)`` float64; a group of one gets 0 (the paper's code).
 
-    Summed in float64, where the sum of float32 scores in ``[0, 1]`` is exact in any order: two groups
+    Summed in float64, where a sum of float32 scores in ``[0, 1]`` is exact in any order (unless their
+    binary exponents span about 29 or more bits): two groups
     holding the same rewards in another order get the very same rate (so an all-equal batch has ``v = 0``).
     """
     means = segment_mean(scores.double(), index, num_groups)

@@ -25,15 +25,15 @@ are global across data-parallel ranks.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal
 
 import torch
 
-from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
+from grpo_plugins import NON_NEGATIVE, POSITIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
 from grpo_plugins import Example
+from grpo_plugins.completion_keys import completion_classes, extractor_for
 from grpo_plugins.ops import (
     global_mean_std, group_normalize, segment_count, segment_max, segment_mean, segment_min, segment_sum,
 )
@@ -96,8 +96,8 @@ def copo_advantages(
     group ids in ``[0, G)``. See the module docstring for the formula.
     """
     local = local_advantages(rewards, index, num_groups, epsilon)
-    # float64: the sum of float32 rewards is then exact in any order, so groups with the same rewards in
-    # another order get the very same c_g (a float32 rounding residue would be divided by std c + eps)
+    # float64: a sum of float32 rewards of similar magnitude is then exact in any order, so groups with the
+    # same rewards in another order get the very same c_g (a float32 residue would be divided by std c + eps)
     consistency = segment_mean(rewards.double(), index, num_groups)
     glob = global_advantages(consistency, parallel, epsilon).to(rewards.dtype).index_select(0, index)
     weights = blend_weights(answer_entropy(answer_ids, index, num_groups, entropy_base), sharpness, threshold)
@@ -108,39 +108,13 @@ def copo_advantages(
 
 
 # ----------------------------------------------------------------- answers of the completions
-def completion_text(completion: Any) -> str:
-    """A completion's text (a string, or the last message of a chat list), whitespace collapsed."""
-    if isinstance(completion, list):
-        completion = completion[-1].get("content", "") if completion else ""
-    return " ".join(str(completion).split())
-
-
-def load_function(path: str) -> Callable[[str], Any]:
-    """Import ``"package.module:function"``."""
-    module, _, attribute = path.partition(":")
-    function = getattr(importlib.import_module(module), attribute)
-    if not callable(function):
-        raise TypeError(f"{path} is not callable")
-    return function
 
 
 def answer_classes(batch: GRPOBatch, source: str, extractor: Callable[[str], Any] | None = None) -> torch.Tensor:
-    """``(N,)`` int64 answer class of each completion; equal answers share a class.
-
-    ``source``: ``"reward"`` (the reward value is the answer: the binary fallback), ``"completion"``
-    (the whitespace-collapsed completion text) or ``"module:function"`` (``extractor`` applied to
-    the text). Interning strings is one dict pass over the completions (hashing has no tensor form).
-    """
-    if source == "reward":
-        return torch.unique(batch.rewards, return_inverse=True)[1]
-    if batch.completions is None:
-        raise ValueError(f"answers='{source}' needs the decoded completions, but the batch carries none")
-    texts: Sequence[Any] = [completion_text(c) for c in batch.completions]
-    if extractor is not None:
-        texts = [extractor(text) for text in texts]
-    classes: dict[Any, int] = {}
-    ids = [classes.setdefault(text, len(classes)) for text in texts]
-    return torch.tensor(ids, dtype=torch.long, device=batch.rewards.device)
+    """``(N,)`` int64 answer class of each completion (equal answers share a class); see
+    :func:`grpo_plugins.completion_keys.completion_classes` (``source``: ``"reward"``, ``"completion"`` or
+    ``"module:function"``)."""
+    return completion_classes(batch, source, extractor, setting="answers")
 
 
 @dataclass(frozen=True)
@@ -189,8 +163,7 @@ class COPO(Method):
 
     def __init__(self, config: Any = None):
         super().__init__(config)
-        source = self.config.answers
-        self._extractor = load_function(source) if source not in ("reward", "completion") else None
+        self._extractor = extractor_for(self.config.answers)
 
     def requires(self) -> set[str]:
         return set() if self.config.answers == "reward" else {"completions"}

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, Example, GRPOBatch, LossInputs, LossTerm, Method, Needs, hookimpl, option
-from grpo_plugins.ops import masked_mean, segment_max, segment_mean, segment_sum
+from grpo_plugins.ops import masked_mean, segment_max, segment_sum
 
 
 def disco_objective(scores: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, group: torch.Tensor,

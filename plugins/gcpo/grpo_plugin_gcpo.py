@@ -26,8 +26,7 @@ import torch
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, hookimpl, option
 from grpo_plugins import Example
 from grpo_plugins.ops import segment_count, segment_max, segment_sum
-
-OtherRewards = Literal["error", "add", "ignore"]
+from grpo_plugins.rewards import OtherRewards, named_component, other_rewards_sum
 
 
 # ----------------------------------------------------------------- the paper's maths
@@ -98,41 +97,6 @@ def gcpo_rewards(
 
 
 # ----------------------------------------------------------------- reading the reward components
-def named_component(batch: GRPOBatch, name: str, method: str, setting: str) -> torch.Tensor:
-    """The ``(N,)`` reward component called ``name``; a clear error when it is missing or has NaN."""
-    names = tuple(batch.reward_names)
-    if batch.reward_components is None or name not in names:
-        have = f"reward components {list(names)}" if batch.reward_components is not None else "no reward components"
-        raise ValueError(
-            f"{method} reads the reward '{name}' (config '{setting}'), but the trainer has {have}. Add a reward "
-            f"function named '{name}' (TRL: a function with __name__ '{name}' in reward_funcs; verl: a "
-            f"reward_extra_info key '{name}'), or set {setting} to the name of yours"
-        )
-    values = batch.reward_components[:, names.index(name)].float()
-    missing = torch.isnan(values)
-    if bool(missing.any()):
-        where = missing.nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{method}: the reward '{name}' ({setting}) is missing (None/NaN) for completions {where}; "
-                         "it must score every completion")
-    return values
-
-
-def other_rewards_sum(batch: GRPOBatch, used: set[str], policy: OtherRewards, method: str) -> torch.Tensor | float:
-    """Trainer-weighted sum ``(N,)`` of the components the method does not read (``policy='add'``), 0 for
-    ``'ignore'``; with ``'error'`` any such component is a clear error."""
-    names = tuple(batch.reward_names) if batch.reward_components is not None else ()
-    others = [k for k, name in enumerate(names) if name not in used]
-    if not others or policy == "ignore":
-        return 0.0
-    if policy == "error":
-        raise ValueError(
-            f"{method} builds the reward from {sorted(used)}, but the trainer also has reward(s) "
-            f"{[names[k] for k in others]}; set other_rewards='add' to add them with the trainer's weights, or "
-            "'ignore' to leave them out"
-        )
-    columns = batch.reward_components[:, others].float()
-    weights = torch.ones(len(names)) if batch.reward_weights is None else batch.reward_weights
-    return (columns * weights[others].to(columns)).nansum(dim=1)
 
 
 # ----------------------------------------------------------------- the method

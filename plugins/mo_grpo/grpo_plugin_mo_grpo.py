@@ -25,8 +25,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
-
-OtherRewards = Literal["error", "add", "ignore"]
+from grpo_plugins.rewards import OtherRewards, other_rewards_sum
 
 
 # ----------------------------------------------------------------- the paper's maths
@@ -156,17 +155,8 @@ class MOGRPO(Method):
         if c.clip_range:
             scores = scores.clamp(min=c.clip_range[0], max=c.clip_range[1])
         reward = weighted_aspect_reward(scores, weights)
-        others = [k for k in range(len(names)) if k not in columns]
         trainer_weights = torch.ones(len(names)) if batch.reward_weights is None else batch.reward_weights.float().cpu()
-        if others and c.other_rewards == "error":
-            raise ValueError(
-                f"mo_grpo mixes the aspects {[names[k] for k in columns]}, but the trainer also has reward(s) "
-                f"{[names[k] for k in others]}; set other_rewards='add' to add them with the trainer's weights, or "
-                "'ignore' to leave them out"
-            )
-        if others and c.other_rewards == "add":
-            extra = batch.reward_components[:, others].float()
-            reward = reward + (extra * trainer_weights[others].to(extra)).nansum(dim=1)
+        reward = reward + other_rewards_sum(batch, {names[k] for k in columns}, c.other_rewards, self.name)
         if c.share_weights:
             shared = trainer_weights.clone() if c.other_rewards == "add" else torch.zeros(len(names))
             shared[columns] = weights

@@ -26,15 +26,15 @@ Shapes: ``N`` completions, ``G`` groups, ``n`` set size, ``S`` sets per group. A
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, Range, hookimpl, option
 from grpo_plugins import Example
+from grpo_plugins.completion_keys import completion_classes, extractor_for
 from grpo_plugins.ops import segment_count, segment_max, segment_min, segment_std, segment_sum
 
 
@@ -121,35 +121,13 @@ def scale_by_group_std(advantages: torch.Tensor, index: torch.Tensor, num_groups
 
 
 # ----------------------------------------------------------------- keys of the completions
-def completion_text(completion: Any) -> str:
-    """A completion's text (a string, or the last message of a chat list), whitespace collapsed."""
-    if isinstance(completion, list):
-        completion = completion[-1].get("content", "") if completion else ""
-    return " ".join(str(completion).split())
-
-
-def load_function(path: str) -> Callable[[str], Any]:
-    """Import ``"package.module:function"``."""
-    module, _, attribute = path.partition(":")
-    function = getattr(importlib.import_module(module), attribute)
-    if not callable(function):
-        raise TypeError(f"{path} is not callable")
-    return function
 
 
 def diversity_keys(batch: GRPOBatch, source: str, extractor: Callable[[str], Any] | None = None) -> torch.Tensor:
-    """``(N,)`` int64 diversity class of each completion (``source``: ``"completion"``, ``"reward"`` or
-    ``"module:function"``). Interning strings is one dict pass over the completions."""
-    if source == "reward":
-        return torch.unique(batch.rewards, return_inverse=True)[1]
-    if batch.completions is None:
-        raise ValueError(f"diversity_key='{source}' needs the decoded completions, but the batch carries none")
-    texts: Sequence[Any] = [completion_text(c) for c in batch.completions]
-    if extractor is not None:
-        texts = [extractor(text) for text in texts]
-    classes: dict[Any, int] = {}
-    ids = [classes.setdefault(text, len(classes)) for text in texts]
-    return torch.tensor(ids, dtype=torch.long, device=batch.rewards.device)
+    """``(N,)`` int64 diversity class of each completion; see
+    :func:`grpo_plugins.completion_keys.completion_classes` (``source``: ``"reward"``, ``"completion"`` or
+    ``"module:function"``)."""
+    return completion_classes(batch, source, extractor, setting="diversity_key")
 
 
 @dataclass(frozen=True)
@@ -197,8 +175,7 @@ class Polychromic(Method):
 
     def __init__(self, config: Any = None):
         super().__init__(config)
-        source = self.config.diversity_key
-        self._extractor = load_function(source) if source not in ("reward", "completion") else None
+        self._extractor = extractor_for(self.config.diversity_key)
 
     def requires(self) -> set[str]:
         return set() if self.config.diversity_key == "reward" else {"completions"}

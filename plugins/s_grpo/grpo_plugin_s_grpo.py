@@ -19,14 +19,12 @@ three functions once the suggestion reward is 0 for right actions. Shapes: ``N``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, hookimpl, option
 from grpo_plugins import Example, Needs
-
-OtherRewards = Literal["error", "add", "ignore"]
+from grpo_plugins.rewards import OtherRewards, named_component
 
 
 # ----------------------------------------------------------------- the paper's maths
@@ -50,24 +48,6 @@ def suggestion_aware_reward(
 
 
 # ----------------------------------------------------------------- reading the inputs
-def named_component(batch: GRPOBatch, name: str, method: str, setting: str, allow_nan: bool = False) -> torch.Tensor:
-    """The ``(N,)`` reward component called ``name``; a clear error when it is missing (or has NaN)."""
-    names = tuple(batch.reward_names)
-    if batch.reward_components is None or name not in names:
-        have = f"reward components {list(names)}" if batch.reward_components is not None else "no reward components"
-        raise ValueError(
-            f"{method} reads the reward '{name}' (config '{setting}'), but the trainer has {have}. Add a reward "
-            f"function named '{name}' (TRL: a function with __name__ '{name}' in reward_funcs; verl: a "
-            f"reward_extra_info key '{name}'), or set {setting} to the name of yours"
-        )
-    values = batch.reward_components[:, names.index(name)].float()
-    missing = torch.isnan(values)
-    if not allow_nan and bool(missing.any()):
-        where = missing.nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{method}: the reward '{name}' ({setting}) is missing (None/NaN) for completions {where}; "
-                         "it must score every completion")
-    return values
-
 
 def gold_labels(batch: GRPOBatch, column: str, method: str) -> torch.Tensor:
     """``(N,)`` bool ``l_gt`` (True: the proposed action is correct) from the dataset column ``column``."""

@@ -9,8 +9,9 @@ what ``python -m grpo_plugins_verl.main`` runs before Ray starts:
 2. the method list, read as :func:`grpo_plugins_verl.main.prepare_config` reads it (top level, else
    ``algorithm.grpo_plugins``, else ``GRPO_PLUGINS_VERL``), composed with verl's GRPO defaults:
    every method that cannot be loaded or configured is reported;
-3. :func:`settings_problems`: the verl settings the enabled methods cannot run with (the checks of
-   ``prepare_config``, all of them, with its messages);
+3. :func:`run_problems`: the verl settings grpo_plugins cannot run under, then the capability check
+   (every need of the enabled methods that this verl run does not provide, naming the setting that
+   takes it away): the checks of ``prepare_config``, all of them, with its messages;
 4. verl's own ``validate_config`` on the prepared config (optional: ``verl_validation``).
 """
 
@@ -24,9 +25,8 @@ from typing import Any, Mapping, Sequence
 from grpo_plugins import Composition, CompositionError
 from grpo_plugins.cli import composition_problems
 
-from grpo_plugins_verl.settings import CONFIG_KEY, ENV_VAR, NAME, REFERENCE_HINT, TRAINER_HOOKS, grpo_defaults, methods_from, parse_methods
+from grpo_plugins_verl.settings import CONFIG_KEY, ENV_VAR, NAME, grpo_defaults, methods_from, parse_methods
 
-LOSS_HOOKS = ("policy_surrogate", "gate_loss", "loss_terms")
 TRAINER = "verl"
 
 
@@ -63,9 +63,10 @@ def key_problems(config: Mapping[str, Any], defaults: Any, prefix: str = "") -> 
 
 
 def settings_problems(config: Any, composition: Composition) -> list[str]:
-    """Every verl setting of ``config`` (a composed ``DictConfig``) the enabled methods cannot run with:
-    the legacy trainer, another advantage estimator, a non-vanilla loss mode under loss hooks, an
-    async trainer under round hooks or state, no reference model where ``ref_log_probs`` is needed."""
+    """The verl settings of ``config`` (a composed ``DictConfig``) grpo_plugins cannot run under at all: the
+    legacy trainer, another advantage estimator. What a setting takes away from particular methods (a
+    non-vanilla loss mode, an async trainer, no reference model) is the capability check's
+    (:func:`~grpo_plugins_verl.capabilities.verl_capabilities`)."""
     problems = []
     if not config.trainer.get("use_v1", True):
         problems.append("grpo_plugins runs on verl's V1 trainer; remove trainer.use_v1=False")
@@ -75,26 +76,6 @@ def settings_problems(config: Any, composition: Composition) -> list[str]:
             f"algorithm.adv_estimator={estimator}: grpo_plugins computes the advantages itself (default: GRPO); "
             "leave it at grpo (or verl's default) or drop +grpo_plugins"
         )
-    loss_mode = str(config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla"))
-    if loss_mode not in ("vanilla", NAME) and composition.has_loss_hooks:
-        changers = sorted({m for hook in LOSS_HOOKS for m in composition.providers(hook)})
-        problems.append(
-            f"actor.policy_loss.loss_mode={loss_mode}: methods {changers} change the loss on top of verl's "
-            "vanilla PPO loss; use loss_mode=vanilla (or grpo_plugins)"
-        )
-    mode = str(config.trainer.v1.get("trainer_mode", "sync"))
-    round_hooks = [hook for hook in TRAINER_HOOKS if composition.implements(hook)]
-    if mode not in ("sync", NAME) and (round_hooks or composition.state_dict()):
-        problems.append(
-            f"trainer.v1.trainer_mode={mode}: methods implementing {round_hooks} (or keeping state) need the "
-            f"grpo_plugins sync trainer; use trainer.v1.trainer_mode=sync"
-        )
-    needs_reference = composition.requirers("ref_log_probs")
-    if needs_reference:
-        from verl.trainer.ppo.utils import need_reference_policy
-
-        if not need_reference_policy(config):
-            problems.append(f"methods {needs_reference} require ref_log_probs: {REFERENCE_HINT}")
     return problems
 
 
@@ -118,9 +99,18 @@ def checked_composition(config: Any, methods: Any) -> Composition:
     defaults = grpo_defaults(config.algorithm)
     composition, problems = composition_problems(methods, defaults)
     if composition is not None:
-        problems += settings_problems(config, composition)
+        problems += run_problems(config, composition)
     raise_problems(problems)
     return build_composition(methods, defaults)
+
+
+def run_problems(config: Any, composition: Composition) -> list[str]:
+    """The verl settings the enabled methods cannot run with, then every need the run does not get
+    (:func:`~grpo_plugins_verl.capabilities.verl_capabilities`), each said once."""
+    from grpo_plugins_verl.capabilities import verl_capabilities
+
+    problems = settings_problems(config, composition) + composition.capability_problems(verl_capabilities(config))
+    return list(dict.fromkeys(problems))
 
 
 def verl_problems(config: Any) -> list[str]:
@@ -182,7 +172,7 @@ def check_config(config: Mapping[str, Any], *, verl_validation: bool = True) -> 
     problems += found
     if composition is None:
         return None, problems
-    problems += settings_problems(merged, composition)
+    problems += run_problems(merged, composition)
     if not problems and verl_validation:
         problems += verl_problems(merged)
     return composition, problems

@@ -22,7 +22,6 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from grpo_plugins_verl.capabilities import check_run
 from grpo_plugins_verl.settings import CONFIG_KEY, ENV_VAR, NAME, encode_methods, methods_from, parse_methods
 
 logger = logging.getLogger("grpo_plugins_verl")
@@ -44,8 +43,7 @@ def prepare_config(config: DictConfig) -> DictConfig:
 
     raw = config.get(CONFIG_KEY, None)
     methods = parse_methods(raw) if raw is not None else methods_from(config.algorithm)
-    composition = checked_composition(config, methods)  # what ``grpo-plugins check`` reports
-    check_run(composition, config)
+    composition = checked_composition(config, methods)  # what ``grpo-plugins check`` reports, capabilities included
     if str(config.algorithm.adv_estimator) == "gae":  # verl's default; a GRPO run has no critic
         logger.warning("algorithm.adv_estimator=gae (verl's default) is replaced by grpo_plugins (GRPO, no critic)")
     actor = config.actor_rollout_ref.actor

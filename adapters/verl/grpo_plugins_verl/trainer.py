@@ -138,14 +138,36 @@ def save_plugin_state(composition: Composition, generator: torch.Generator, fold
     return path
 
 
-def load_plugin_state(composition: Composition, generator: torch.Generator, folder: str) -> bool:
-    """Restore :func:`save_plugin_state`'s file from ``folder``; False (and a warning) when absent."""
+FRESH_STATE_KEY = "grpo_plugins_fresh_state"
+"""``+algorithm.grpo_plugins_fresh_state=true``: resume from a checkpoint without the methods' state file."""
+
+
+def load_plugin_state(composition: Composition, generator: torch.Generator, folder: str, fresh: bool = False) -> bool:
+    """Restore :func:`save_plugin_state`'s file from ``folder``.
+
+    Raises:
+        CompositionError: the file is absent while enabled methods keep state (they would restart from
+            scratch and change the next losses), unless ``fresh``; or it is truncated or corrupt.
+    """
     path = os.path.join(folder, STATE_FILE)
     if not os.path.exists(path):
-        if composition.state_dict():
-            logger.warning("no %s in %s: grpo_plugins methods start from fresh state", STATE_FILE, folder)
+        stateful = sorted(composition.state_dict())
+        if stateful and not fresh:
+            raise CompositionError(
+                f"checkpoint {folder} holds no {STATE_FILE} (written by a run without these methods, or deleted), so "
+                f"method(s) {stateful} would restart from fresh state and change the next losses. Resume from a "
+                f"checkpoint of this run, or set +algorithm.{FRESH_STATE_KEY}=true to start them fresh"
+            )
+        if stateful:
+            logger.warning("no %s in %s: methods %s start from fresh state, as asked", STATE_FILE, folder, stateful)
         return False
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file
+        raise CompositionError(
+            f"cannot read the methods' state file {path}: it is truncated or corrupt ({type(error).__name__}); "
+            "resume from another checkpoint"
+        ) from error
     composition.load_state_dict(state["methods"])
     generator.set_state(state["generator"])
     return True
@@ -338,5 +360,6 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         super()._load_checkpoint()
         if self.global_steps > 0:
             load_plugin_state(
-                self.grpo_plugins.composition, self.prompt_generator, self._checkpoint_folder(resuming=True)
+                self.grpo_plugins.composition, self.prompt_generator, self._checkpoint_folder(resuming=True),
+                fresh=bool(self.config.algorithm.get(FRESH_STATE_KEY, False)),
             )

@@ -258,7 +258,17 @@ def test_plugin_state_round_trips_through_a_checkpoint_folder(tmp_path):
     resumed.config.trainer.resume_mode = "resume_path"
     resumed.config.trainer.resume_from_path = str(tmp_path / "elsewhere" / "global_step_7")
     assert resumed._checkpoint_folder(resuming=True) == str(tmp_path / "elsewhere" / "global_step_7")
-    assert not load_plugin_state(resumed.grpo_plugins.composition, resumed.prompt_generator, str(tmp_path / "empty"))
+    # a checkpoint without the state file: refused while methods keep state, unless fresh state is asked for
+    with pytest.raises(CompositionError, match=r"holds no grpo_plugins.pt.*\['toy_counter'\].*grpo_plugins_fresh_state"):
+        load_plugin_state(resumed.grpo_plugins.composition, resumed.prompt_generator, str(tmp_path / "empty"))
+    assert not load_plugin_state(resumed.grpo_plugins.composition, resumed.prompt_generator, str(tmp_path / "empty"),
+                                 fresh=True)
+    # a truncated file is named
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / STATE_FILE).write_bytes(open(path, "rb").read()[:40])
+    with pytest.raises(CompositionError, match=f"{broken / STATE_FILE}: it is truncated or corrupt"):
+        load_plugin_state(resumed.grpo_plugins.composition, resumed.prompt_generator, str(broken))
 
 
 class FakeTransferQueue:

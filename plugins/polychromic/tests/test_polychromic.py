@@ -90,7 +90,8 @@ def test_constant_groups_and_identical_keys_give_zero():
 def test_equal_rewards_with_distinct_keys_give_exactly_zero_at_any_scale():
     # 8 distinct keys, every reward 1e4 / 7, n = 3: every one of the 56 sets scores 1e4 / 7 * 3 / 3, so
     # every A_i = mean of equal scores - the same mean = 0 exactly (not a float32 residue of the sums)
-    adv = advantages([{"polychromic": {"set_size": 3}}], batch_of([1e4 / 7] * 8, [0] * 8, completions=list("abcdefgh")))
+    batch = batch_of([1e4 / 7] * 8, [0] * 8, completions=list("abcdefgh"))
+    adv = advantages([{"polychromic": {"set_size": 3}}], batch)
     assert adv.tolist() == [0.0] * 8
 
 
