@@ -419,7 +419,8 @@ def _outcome(mistake: Mistake) -> str:
     except Exception as error:  # noqa: BLE001 - recorded, whatever it is
         message = re.sub(r"/tmp/[^\s'\"]+/", "<tmp>/", str(error)).replace("\n", " ")
         message = re.sub(r"\(installed: [^)]*\)", "(installed: ...)", message)  # grows with every new method
-        message = re.sub(r" at 0x[0-9a-f]+", "", message)  # object addresses differ between runs
+        message = re.sub(r"<[\w.]+ object(?: at 0x[0-9a-f]+)?>", "<object>", message)  # differ between runs
+        message = re.sub(r"<object from [\w.]+>", "<object from its module>", message)
         return f"`{type(error).__name__}`: {message}"
     return "**not caught**"
 

@@ -71,11 +71,11 @@ def test_grpo_s_alone_scales_each_prompts_advantages():
     assert all(math.isfinite(x) for x in logged(trainer, "loss"))
 
 
-def test_missing_column_stops_the_run_with_the_setting_named():
-    from grpo_plugins import PluginError
+def test_missing_column_stops_the_run_at_start_up_naming_method_and_column():
+    from grpo_plugins import CompositionError
 
-    with pytest.raises(PluginError, match="reference_reward_column='reference_reward' is not a column"):
-        tiny_grpo_run([{"grpo_s": {"hardness_weight": 0.0}}], max_steps=1)
+    with pytest.raises(CompositionError, match="method 'grpo_s' needs dataset column 'reference_reward'"):
+        tiny_grpo_run([{"grpo_s": {"hardness_weight": 0.0}}], max_steps=1, train=False)
 
 
 def test_grpo_s_composed_with_ngrpo():

@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 
 import torch  # noqa: E402
 
-from grpo_plugins import GRPOBatch, Method, PluginError, hookimpl  # noqa: E402
+from grpo_plugins import GRPOBatch, Method, hookimpl  # noqa: E402
 from grpo_plugins_trl.testing import arithmetic_dataset, digit_overlap_reward, tiny_grpo_run  # noqa: E402
 
 
@@ -68,9 +68,11 @@ def test_cross_check_equals_plain_grpo_on_the_next_trial_return():
     torch.testing.assert_close(retro.batches[0].advantages, plain.batches[0].advantages, rtol=1e-4, atol=1e-5)
 
 
-def test_missing_previous_return_column_is_a_clear_error():
-    with pytest.raises(PluginError, match="previous_return_column='previous_return' is not a column"):
-        tiny_grpo_run(["retroformer"], max_steps=1, reward_funcs=next_trial_return)
+def test_missing_previous_return_column_is_refused_at_start_up():
+    from grpo_plugins import CompositionError
+
+    with pytest.raises(CompositionError, match="method 'retroformer' needs dataset column 'previous_return'"):
+        tiny_grpo_run(["retroformer"], max_steps=1, reward_funcs=next_trial_return, train=False)
 
 
 def test_retroformer_composed_with_knapsack_rl():
