@@ -28,7 +28,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from grpo_plugins_trl.testing import completion_text, exact_answer_reward, tiny_model, tiny_tokenizer  # noqa: E402
+from grpo_plugins_trl.testing import (  # noqa: E402
+    completion_text,
+    exact_answer_reward,
+    supervised_batch,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 LEVELS: tuple[str, ...] = ("1+1", "2+1", "2+2", "3+2")
 """Difficulty levels: digits of the first and the second operand."""
@@ -124,22 +130,6 @@ def state_hash(model) -> str:
     return digest.hexdigest()
 
 
-def _encode_supervised(tokenizer, problems: list[Problem]):
-    encoded = [
-        (tokenizer(p.prompt)["input_ids"], tokenizer(p.answer)["input_ids"] + [tokenizer.eos_token_id]) for p in problems
-    ]
-    width = max(len(q) + len(a) for q, a in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
-    labels = torch.full((len(encoded), width), -100)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (q, a) in enumerate(encoded):  # data preparation, once
-        seq = q + a
-        ids[row, : len(seq)] = torch.tensor(seq)
-        labels[row, len(q) : len(seq)] = torch.tensor(a)
-        attention[row, : len(seq)] = 1
-    return ids, labels, attention
-
-
 def warm_start(settings: TaskSettings, problems: list[Problem]):
     """Supervised training on ``prompt answer <eos>`` (loss on the answer tokens), single-threaded and seeded,
     at a constant learning rate, stopped where every level is mid-range (about 0.3-0.7 with the defaults).
@@ -151,7 +141,7 @@ def warm_start(settings: TaskSettings, problems: list[Problem]):
     try:
         tokenizer = tiny_tokenizer()
         model = tiny_model(settings.model_seed, hidden_size=settings.hidden_size, num_layers=settings.num_layers)
-        ids, labels, attention = _encode_supervised(tokenizer, problems)
+        ids, labels, attention = supervised_batch(tokenizer, problems)
         gen = torch.Generator().manual_seed(settings.model_seed)
         optimizer = torch.optim.AdamW(model.parameters(), lr=settings.warm_lr)
         model.train()

@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from grpo_plugins_trl.testing import completion_text, exact_answer_reward, tiny_model, tiny_tokenizer
+from grpo_plugins_trl.testing import completion_text, exact_answer_reward, supervised_batch, tiny_model, tiny_tokenizer
 
 
 @dataclass(frozen=True)
@@ -61,22 +61,11 @@ def build_model(seed: int, hidden_size: int = 64, num_layers: int = 2):
 def warm_start(model, tokenizer, problems: list[Problem], steps: int, seed: int, lr: float = 3e-3, batch: int = 32) -> None:
     """Supervised training on ``prompt answer <eos>`` (loss on the answer tokens only)."""
     gen = torch.Generator().manual_seed(seed)
-    encoded = [
-        (tokenizer(p.prompt)["input_ids"], tokenizer(p.answer)["input_ids"] + [tokenizer.eos_token_id]) for p in problems
-    ]
-    width = max(len(q) + len(a) for q, a in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
-    labels = torch.full((len(encoded), width), -100)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, (q, a) in enumerate(encoded):  # data preparation, once
-        seq = q + a
-        ids[row, : len(seq)] = torch.tensor(seq)
-        labels[row, len(q) : len(seq)] = torch.tensor(a)
-        attention[row, : len(seq)] = 1
+    ids, labels, attention = supervised_batch(tokenizer, problems)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        pick = torch.randint(0, len(encoded), (batch,), generator=gen)
+        pick = torch.randint(0, len(problems), (batch,), generator=gen)
         loss = model(input_ids=ids[pick], attention_mask=attention[pick], labels=labels[pick]).loss
         optimizer.zero_grad()
         loss.backward()

@@ -52,6 +52,13 @@ def cispo_loss(
     return -clamped * advantages * log_probs
 
 
+def replaced_policy_loss(inputs) -> torch.Tensor:
+    """``(B, T)`` zeros on the graph of ``inputs.log_probs``: the ``policy_surrogate`` of a method whose
+    ``loss_objectives`` replace the policy loss (the trainer's surrogate must not run, and the loss must
+    keep a gradient path through every parameter even where the objective's is zero)."""
+    return 0.0 * torch.where(inputs.mask > 0, inputs.log_probs, 0.0)
+
+
 def weight_token_advantages(advantages: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
     """Advantages ``(N,)`` or ``(N, T)`` times ``mask_tokens`` weights ``(N, T)`` -> ``(N, T)``.
 

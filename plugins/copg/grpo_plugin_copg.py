@@ -31,6 +31,7 @@ import torch
 
 from grpo_plugins import POSITIVE, Example, GRPOBatch, LossInputs, LossTerm, Method, Needs, hookimpl, option
 from grpo_plugins.ops import segment_count, segment_mean
+from grpo_plugins.surrogates import replaced_policy_loss
 
 
 def pairwise_losses(rewards: torch.Tensor, log_ratio: torch.Tensor, group: torch.Tensor, num_groups: int,
@@ -84,7 +85,7 @@ class CoPG(Method):
     @hookimpl
     def policy_surrogate(self, inputs: LossInputs) -> torch.Tensor:
         """0: the pairwise objective replaces the policy loss."""
-        return 0.0 * torch.where(inputs.mask > 0, inputs.log_probs, 0.0)  # zero, on the graph of log pi
+        return replaced_policy_loss(inputs)
 
     @hookimpl
     def loss_objectives(self, inputs: LossInputs) -> dict[str, LossTerm]:

@@ -30,6 +30,7 @@ import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, Example, GRPOBatch, LossInputs, LossTerm, Method, Needs, hookimpl, option
 from grpo_plugins.ops import masked_mean, segment_max, segment_sum
+from grpo_plugins.surrogates import replaced_policy_loss
 
 
 def disco_objective(scores: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, group: torch.Tensor,
@@ -106,7 +107,7 @@ class DisCO(Method):
     @hookimpl
     def policy_surrogate(self, inputs: LossInputs) -> torch.Tensor:
         """0: the discriminative objective replaces the policy loss."""
-        return 0.0 * torch.where(inputs.mask > 0, inputs.log_probs, 0.0)  # zero, on the graph of log pi
+        return replaced_policy_loss(inputs)
 
     @hookimpl
     def loss_objectives(self, inputs: LossInputs) -> dict[str, LossTerm]:

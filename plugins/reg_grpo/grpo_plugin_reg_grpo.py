@@ -31,6 +31,7 @@ import torch
 
 from grpo_plugins import POSITIVE, Example, GRPOBatch, LossInputs, LossTerm, Method, Needs, hookimpl, option
 from grpo_plugins.ops import constant_groups, masked_mean, segment_max, segment_mean, segment_std
+from grpo_plugins.surrogates import replaced_policy_loss
 
 
 def population_zscore(values: torch.Tensor, group: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
@@ -94,7 +95,7 @@ class RegGRPO(Method):
     @hookimpl
     def policy_surrogate(self, inputs: LossInputs) -> torch.Tensor:
         """0: the regression replaces the policy loss."""
-        return 0.0 * torch.where(inputs.mask > 0, inputs.log_probs, 0.0)  # zero, on the graph of log pi
+        return replaced_policy_loss(inputs)
 
     @hookimpl
     def loss_objectives(self, inputs: LossInputs) -> dict[str, LossTerm]:

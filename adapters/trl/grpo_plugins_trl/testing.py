@@ -105,6 +105,27 @@ def completion_text(completion: Any) -> str:
     return "".join(str(completion).split())
 
 
+def supervised_batch(tokenizer, problems: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels, attention_mask)``, each ``(n, width)``, for supervised warm-starting on
+    ``prompt answer <eos>`` with the loss on the answer tokens only (labels -100 elsewhere); right-padded.
+
+    ``problems``: objects with ``prompt`` and ``answer`` strings (e.g. :func:`arithmetic_dataset`'s rows).
+    """
+    encoded = [
+        (tokenizer(p.prompt)["input_ids"], tokenizer(p.answer)["input_ids"] + [tokenizer.eos_token_id]) for p in problems
+    ]
+    width = max(len(q) + len(a) for q, a in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    labels = torch.full((len(encoded), width), -100)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (q, a) in enumerate(encoded):  # data preparation, once
+        seq = q + a
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, len(q) : len(seq)] = torch.tensor(a)
+        attention[row, : len(seq)] = 1
+    return ids, labels, attention
+
+
 def exact_answer_reward(completions: Sequence[Any], answer: Sequence[str], **kwargs: Any) -> list[float]:
     """1.0 where the completion (whitespace ignored) equals the answer, else 0.0."""
     return [float(completion_text(c) == str(a)) for c, a in zip(completions, answer)]
