@@ -1,6 +1,6 @@
 """Learning benchmark: does a method (or a composed stack) reach vanilla GRPO's accuracy with fewer rollouts?
 
-    python benchmarks/learning.py --quick          # vanilla, the oracle, knapsack_rl, ngrpo; 2 seeds, 40 steps
+    python benchmarks/learning.py --quick          # vanilla, the oracle, knapsack_rl, ngrpo; 2 seeds, 24 steps
     python benchmarks/learning.py                  # every installed method and four stacks (resumable)
     python benchmarks/learning.py --only my_method # one method's rows, against the stored vanilla runs
     python benchmarks/learning.py --report-only    # rebuild the table from the stored runs, train nothing
@@ -11,17 +11,25 @@ mid-range accuracy (the checkpoint's SHA-256 is recorded); 600 held-out problems
 level; one 0/1 exact-answer reward. Every configuration trains from the same checkpoint with the same
 rollouts per step and steps, on two prompt pools:
 
-- ``revisited``: a pool each prompt of which is drawn about eight times over the run (multi-epoch training:
+- ``revisited``: a pool each prompt of which is drawn about four times over the run (multi-epoch training:
   methods that learn from history can act);
 - ``fresh``: a pool three times larger than the run consumes (each prompt is seen at most once).
 
-Reported per configuration and regime, over seeds: rollouts (completions generated, counted by a probe) to
-reach the target -- vanilla's mean accuracy at a fixed early budget -- per seed and median, and the per-seed
-ratio to vanilla's; the area under the accuracy curve over the budget; final accuracy per level; the
-fraction of groups with zero advantage signal; CPU seconds per step relative to vanilla; and a verdict
-(better / worse / tie) in which differences within the measured seed noise are ties. ``noise.sd_at_target``
-is the seed sd of vanilla's accuracy at the target; ``sensitivity.oracle_rollouts_ratio`` is what an oracle
-that drops the prompts the model already solves saves (``learning_configs.Oracle``).
+Full mode: 40 steps x 16 prompts x 8 completions (5,120 rollouts per run), Adam at lr 1e-4, evaluation every
+2 steps (curves: trailing means of 4 evaluations). The curve has two phases: within ~5 steps every
+configuration fixes the warm start's off-by-one answers (0.52 -> ~0.65; the progress per step is bounded by
+the optimiser's step, so no prompt choice can speed it up), then accuracy climbs slowly, and there the
+information in each batch decides the pace. The target -- vanilla's mean accuracy at 60 % of the budget
+(step 24, 3,072 rollouts) -- lies in that climb.
+
+Reported per configuration and regime, over seeds: rollouts (completions generated, refill rounds
+included, counted by a probe) to reach the target, per seed and median, and the per-seed ratio to
+vanilla's; the area under the accuracy curve over the budget; final accuracy per level; the fraction of
+groups with zero advantage signal; CPU seconds per step relative to vanilla; and a verdict (better / worse
+/ tie) in which differences within the measured seed noise are ties. ``noise.sd_at_target`` is the seed
+sd of vanilla's accuracy at the target; ``sensitivity.oracle_rollouts_ratio`` is what an oracle that
+drops the prompts the model already solves saves (``learning_configs.Oracle``); ``goals`` checks the
+best stack's ratio and the zero-signal fraction against the targets the benchmark was built for.
 
 Every run is stored as JSON under ``<out>/learning.runs/<mode>/<regime>/<configuration>/seed<k>.json`` with a
 key of everything that determines it (the checkpoint hash included), so an interrupted benchmark continues
@@ -76,10 +84,10 @@ class Mode:
     configurations: tuple[str, ...] | None  # exact configuration names; None: every installed method
 
 
-FULL = Mode("full", RunSettings(steps=200, prompts_per_step=16, num_generations=4, lr=1e-4, eval_every=5),
-            seeds=3, seeds_confirmed=5, target_fraction=0.25, revisits=8, stacks=4, window=4, configurations=None)
-QUICK = Mode("quick", RunSettings(steps=40, prompts_per_step=16, num_generations=4, lr=1e-4, eval_every=5),
-             seeds=2, seeds_confirmed=2, target_fraction=0.25, revisits=8, stacks=0, window=2,
+FULL = Mode("full", RunSettings(steps=40, prompts_per_step=16, num_generations=8, lr=1e-4, eval_every=2),
+            seeds=3, seeds_confirmed=5, target_fraction=0.6, revisits=4, stacks=4, window=4, configurations=None)
+QUICK = Mode("quick", RunSettings(steps=24, prompts_per_step=16, num_generations=8, lr=1e-4, eval_every=4),
+             seeds=2, seeds_confirmed=2, target_fraction=0.5, revisits=4, stacks=0, window=2,
              configurations=(ORACLE, "knapsack_rl", "ngrpo"))
 
 
@@ -122,7 +130,7 @@ def run_one(config: Configuration, regime: str, seed: int, task: TaskSettings, r
     """Train one configuration on one pool with one seed; a configuration that cannot run returns ``skipped``."""
     import traceback
 
-    from learning_configs import Oracle, SignalProbe, digits_only_reward
+    from learning_configs import Oracle, SignalProbe, extra_reward_funcs
     from learning_task import grpo_run
 
     state = _load_task(task)
@@ -136,14 +144,15 @@ def run_one(config: Configuration, regime: str, seed: int, task: TaskSettings, r
             oracle = Oracle(pool, state["tokenizer"])
             plugins = [oracle]
 
-        def attach(trainer, oracle=oracle):
+        def attach(trainer, oracle=oracle, probe=probe):
+            probe.trainer = trainer  # completions of refill rounds (filter_groups, keep_rows) are rollouts too
             if oracle is not None:
                 oracle.model = trainer.model
 
         try:
             result = grpo_run(
                 state["model"], state["tokenizer"], pool, state["evaluator"], [*plugins, probe], run, seed,
-                extra_reward_funcs=[digits_only_reward] if extras else None, on_trainer=attach,
+                reward_funcs=extra_reward_funcs() if extras else None, on_trainer=attach,
             )
         except Exception as error:  # noqa: BLE001 - the reason goes into the results
             last_error = f"{type(error).__name__}: {error}".strip()
@@ -162,13 +171,16 @@ def run_one(config: Configuration, regime: str, seed: int, task: TaskSettings, r
             rollouts=cumulative, steps=len(probe.completions),
             zero_signal=statistics.mean(probe.zero_signal) if probe.zero_signal else math.nan,
             seconds_train_cpu=result["seconds_cpu"] - result.pop("seconds_eval_cpu"),
-            extras=["digits_only_reward"] if extras else [], first_error=last_error if extras else "",
+            extras=["accuracy + format rewards"] if extras else [], first_error=last_error if extras else "",
         )
         return result
     raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------- the store of runs
+TRAINED = {"runs": 0}  # runs trained by this invocation
+
+
 def run_key(config: Configuration, regime: str, seed: int, task: TaskSettings, run: RunSettings, checkpoint: str) -> str:
     from learning_configs import Oracle
 
@@ -203,11 +215,7 @@ def load_run(path: str, key: str) -> dict[str, Any] | None:
 
 
 def save_run(path: str, record: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(stats.json_safe(record), handle, indent=1)
-    os.replace(tmp, path)
+    save_json(path, record)
 
 
 def restore_floats(value: Any) -> Any:
@@ -238,6 +246,7 @@ def execute(jobs: list[tuple[Configuration, str, int]], mode: Mode, task: TaskSe
     if not todo or not train:
         return results
     print(f"{len(todo)} runs to do ({len(jobs) - len(todo)} stored), {workers} processes", flush=True)
+    TRAINED["runs"] += len(todo)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(run_one, config, regime, seed, task, mode.run): (config, regime, seed, key, path)
@@ -316,6 +325,134 @@ def summarise_regime(configs: list[Configuration], results: dict, regime: str, m
     return out
 
 
+def goals(regimes_report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals checked against the table: the best stack's median rollouts ratio in the revisited
+    regime (goal: <= 0.5), the lowest zero-signal group fraction of a method or stack that does not learn
+    worse than vanilla, against vanilla's (goal: <= 0.1), and the configurations whose defaults learn worse
+    than vanilla beyond the noise."""
+    out: dict[str, Any] = {}
+    part = regimes_report.get("revisited")
+    if part is not None:
+        records = [r for r in part["records"].values() if "skipped" not in r]
+        stacks = [r for r in records if r["kind"] == "stack"]
+
+        def ratio(record: dict[str, Any]) -> float:
+            median = record["rollouts_ratio"]["median"]
+            return median if median == median else math.inf  # NaN (no seed reached the target): last
+
+        if stacks:
+            best = min(stacks, key=lambda r: (ratio(r), -r["auc"]["mean"]))
+            out["best_stack"] = {"configuration": best["configuration"], "rollouts_ratio": best["rollouts_ratio"],
+                                 "verdict": best["verdict"], "seeds": best["seeds"], "goal": 0.5,
+                                 "holds": ratio(best) <= 0.5}
+        methods = [r for r in records if r["kind"] in ("single", "paper", "stack") and r["verdict"] != "worse"]
+        if methods and BASELINE in part["records"]:
+            lowest = min(methods, key=lambda r: r["zero_signal_group_fraction"])
+            out["zero_signal"] = {"vanilla": part["records"][BASELINE]["zero_signal_group_fraction"],
+                                  "lowest": lowest["zero_signal_group_fraction"], "configuration": lowest["configuration"],
+                                  "goal": 0.1, "holds": lowest["zero_signal_group_fraction"] <= 0.1}
+    out["worse_than_vanilla"] = {regime: sorted(name for name, r in part["records"].items()
+                                                if r.get("verdict") == "worse" and r["kind"] == "single")
+                                 for regime, part in regimes_report.items()}
+    return out
+
+
+
+def invocations_path(out: str, mode: str) -> str:
+    return os.path.join(out, "learning.runs", mode, "invocations.json")
+
+
+def record_invocation(out: str, mode: str, entry: dict[str, Any]) -> None:
+    """Appends one training invocation (start, end, wall seconds, runs trained, processes) to the mode's log."""
+    path = invocations_path(out, mode)
+    try:
+        with open(path) as handle:
+            log = json.load(handle)
+    except (OSError, ValueError):
+        log = []
+    log.append(entry)
+    save_json(path, log)
+
+
+def save_json(path: str, value: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(stats.json_safe(value), handle, indent=1)
+    os.replace(tmp, path)
+
+
+def cost_of(out: str, mode: str, results: dict) -> dict[str, Any]:
+    """The measured cost: every training invocation of this mode (from its log) and the stored runs' own
+    wall and CPU seconds."""
+    try:
+        with open(invocations_path(out, mode)) as handle:
+            log = json.load(handle)
+    except (OSError, ValueError):
+        log = []
+    runs = [r for r in results.values() if "skipped" not in r]
+    return {
+        "invocations": log,
+        "runs_trained": sum(e["runs_trained"] for e in log),
+        "wall_minutes": sum(e["seconds_wall"] for e in log) / 60,
+        "jobs": max((e["jobs"] for e in log), default=0),
+        "stored_runs": len(results),
+        "run_cpu_seconds": sum(r.get("seconds_cpu", 0.0) for r in runs),
+        "run_wall_seconds": sum(r.get("seconds_wall", 0.0) for r in runs),
+    }
+
+
+README_START, README_END = "<!-- learning-leaderboard:start -->", "<!-- learning-leaderboard:end -->"
+
+
+def leaderboard(report: dict[str, Any]) -> str:
+    """The README's leaderboard: one row per configuration, both regimes side by side (ratio of rollouts to
+    vanilla's target, median [min, max], and the verdict), ranked by the revisited pool's AUC."""
+    regimes = list(report["regimes"])
+    names = sorted({n for part in report["regimes"].values() for n, r in part["records"].items() if "skipped" not in r},
+                   key=lambda n: (-report["regimes"][regimes[0]]["records"].get(n, {}).get("auc", {}).get("mean", 0), n))
+    head = "| configuration | " + " | ".join(f"{g}: rollouts vs vanilla [min, max] | {g}: verdict" for g in regimes) + " |"
+    lines = [head, "|---|" + "---|---|" * len(regimes)]
+    for name in names:
+        cells = []
+        for regime in regimes:
+            r = report["regimes"][regime]["records"].get(name)
+            if r is None or "skipped" in r:
+                cells += ["-", "-"]
+                continue
+            ratio = r["rollouts_ratio"]
+            same = " (= vanilla)" if r["identical_to_vanilla_seeds"] == r["seeds"] and name != BASELINE else ""
+            cells += [f"{fmt(ratio['median'], '.2f')} [{fmt(ratio['min'], '.2f')}, {fmt(ratio['max'], '.2f')}]",
+                      f"{r['verdict']}{same} ({r['seeds']} seeds)"]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_docs(report: dict[str, Any]) -> None:
+    """``docs/benchmarks.md`` (the full results page, generated) and the README's leaderboard (between its
+    ``learning-leaderboard`` markers; left alone when the markers are missing)."""
+    root = os.path.dirname(HERE)
+    page = markdown(report).replace("](learning.png)", "](../benchmarks/results/learning.png)")
+    header = (
+        "<!-- generated by benchmarks/learning.py from benchmarks/results/learning.runs/full; do not edit -->\n"
+        "# Benchmarks: learning efficiency\n\n"
+        "Does a method (or a composed stack) reach vanilla GRPO's accuracy with fewer rollouts? How the task, "
+        "the regimes, the target, the noise and the verdicts are defined: `benchmarks/learning.py`'s docstring. "
+        "Run `python benchmarks/learning.py --only my_method` to add a method's rows against the stored vanilla "
+        "runs, `--report-only` to rebuild this page.\n\n"
+    )
+    with open(os.path.join(root, "docs", "benchmarks.md"), "w") as handle:
+        handle.write(header + page.split("\n", 1)[1].lstrip("\n"))
+    readme = os.path.join(root, "README.md")
+    with open(readme) as handle:
+        text = handle.read()
+    if README_START in text and README_END in text:
+        before, rest = text.split(README_START, 1)
+        _, after = rest.split(README_END, 1)
+        with open(readme, "w") as handle:
+            handle.write(before + README_START + "\n" + leaderboard(report) + "\n" + README_END + after)
+
+
 def fmt(value: Any, spec: str = ".0f") -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf"
@@ -346,14 +483,46 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{k}: {v:.2f}" for k, v in warm["accuracy_by_level"].items()) + ").",
         "",
     ]
+    cost = report.get("cost", {})
+    if cost.get("invocations"):
+        lines += [
+            f"Cost: {cost['runs_trained']} runs trained in {cost['wall_minutes']:.0f} min of wall time over "
+            f"{len(cost['invocations'])} invocation(s) with `--jobs {cost['jobs']}` on this {os.cpu_count()}-core "
+            f"machine (shared); {cost['stored_runs']} stored runs, {cost['run_cpu_seconds'] / 60:.0f} CPU-minutes in "
+            "the runs themselves.",
+            "",
+        ]
+    g = report.get("goals", {})
+    if g:
+        lines += ["## Goals", ""]
+        if "best_stack" in g:
+            b = g["best_stack"]
+            r = b["rollouts_ratio"]
+            lines.append(
+                f"- Best composed stack (revisited pool): `{b['configuration']}` needs {fmt(r['median'], '.2f')}x vanilla's "
+                f"rollouts (per seed {fmt(r['min'], '.2f')}-{fmt(r['max'], '.2f')}, {b['seeds']} seeds; verdict "
+                f"{b['verdict']}); goal <= 0.5x: **{'holds' if b['holds'] else 'does not hold'}**.")
+        else:
+            lines.append("- Best composed stack: no stack has stored runs; the goal (<= 0.5x) is **not checked**.")
+        if "zero_signal" in g:
+            z = g["zero_signal"]
+            lines.append(
+                f"- Zero-signal groups (revisited pool): vanilla {z['vanilla']:.2f}, lowest of a configuration not "
+                f"worse than vanilla `{z['configuration']}` {z['lowest']:.2f}; goal <= 0.1: "
+                f"**{'holds' if z['holds'] else 'does not hold'}**.")
+        for regime, names in g.get("worse_than_vanilla", {}).items():
+            lines.append(f"- Worse than vanilla beyond the noise with defaults ({regime} pool): "
+                         + (", ".join(f"`{n}`" for n in names) if names else "none") + ".")
+        lines.append("")
     for regime, part in report["regimes"].items():
         noise = part["noise"]
         lines += [
             f"## Regime: {regime} pool ({s['pools'][regime]} prompts)",
             "",
             f"Target: vanilla's mean accuracy at {noise['target_rollouts']:.0f} rollouts = {noise['target_accuracy']:.3f}; "
-            f"seed sd there `noise.sd_at_target` = {noise['sd_at_target']:.4f} ({noise['seeds']} seeds); sd of AUC "
-            f"{noise['sd_auc']:.4f}.",
+            f"seed sd there `noise.sd_at_target` = {noise['sd_at_target']:.4f} ({noise['seeds']} seeds"
+            + (f"; {noise['sd_at_target_3_seeds']:.4f} over seeds 0-2" if "sd_at_target_3_seeds" in noise else "")
+            + f"); sd of AUC {noise['sd_auc']:.4f}.",
         ]
         if "sensitivity" in part:
             sens = part["sensitivity"]
@@ -393,7 +562,18 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Verdict: the difference of mean AUC to vanilla against twice its standard error (seed sd floored at "
         "vanilla's); within it, a tie. `inf`: the target was never reached. `(= vanilla)`: every seed trained "
-        "bit for bit like vanilla's.",
+        "bit for bit like vanilla's. A rollouts ratio below 1 with a `tie` verdict is not a win. Zero-signal "
+        "groups are counted on the advantages the loss receives: a method with its own objective (`copg`, "
+        "`disco`) shows 1.00, one that adds a non-reward term to every advantage shows about 0.",
+        "",
+        "How the settings were chosen (measured on this task): the first ~5 steps fix the warm start's "
+        "off-by-one answers at a pace bounded by Adam's step, so the target sits later, in the slow climb, at "
+        "60 % of the budget. An oracle that preferred prompts with a pass rate near 0.5 (sampled) did not beat "
+        "vanilla on greedy accuracy: those prompts are mostly already right under greedy decoding; the oracle "
+        "here prefers informative prompts whose greedy answer is wrong. SGD instead of Adam, gradient clipping "
+        "off, a settled (decayed-lr) warm start, group size 8 and a pool weighted to solved and unsolved levels "
+        "were tried (single seeds) and did not make prompt choice matter more. A 200-step budget (the earlier pilot) spent "
+        "most of its rollouts on a flat curve.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -444,7 +624,7 @@ def plan(configs: list[Configuration], regimes: tuple[str, ...], seeds_of) -> li
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Learning efficiency of grpo-plugins methods on CPU (resumable).")
-    parser.add_argument("--quick", action="store_true", help="vanilla, the oracle, knapsack_rl and ngrpo; 2 seeds, 40 steps")
+    parser.add_argument("--quick", action="store_true", help="vanilla, the oracle, knapsack_rl and ngrpo; 2 seeds, 24 steps")
     parser.add_argument("--only", nargs="+", metavar="METHOD",
                         help="only these methods' rows (defaults and paper settings; 'oracle' if named; a stack as "
                         "'a+b'); vanilla always runs, from the store when it is there")
@@ -487,6 +667,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     task = task_settings(mode)
     regimes = tuple(args.regimes)
     started = time.perf_counter()
+    TRAINED["runs"] = 0
 
     warm = warm_start_info(task)
     checkpoint = warm["checkpoint_sha256"]
@@ -538,6 +719,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "records": [r for part in regimes_report.values() for r in part["records"].values()],
         "seconds_wall": time.perf_counter() - started,
     }
+    if TRAINED["runs"]:
+        record_invocation(args.out, mode.name, {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - (time.perf_counter() - started))),
+            "seconds_wall": time.perf_counter() - started, "runs_trained": TRAINED["runs"], "jobs": args.jobs,
+            "arguments": sys.argv[1:] if argv is None else list(argv)})
+    report["cost"] = cost_of(args.out, mode.name, results)
+    report["goals"] = goals(regimes_report)
     headline_regime = regimes[0]
     report["noise"] = regimes_report[headline_regime]["noise"]
     report["sensitivity"] = regimes_report[headline_regime].get("sensitivity", {})
@@ -551,6 +739,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(args.out, f"{stem}.md"), "w") as handle:
         handle.write(markdown(report))
     plot(report, results, regimes, os.path.join(args.out, f"{stem}.png"))
+    if mode.name == FULL.name and not partial and os.path.abspath(args.out) == os.path.abspath(RESULTS):
+        write_docs(report)
     print(markdown(report))
     headline = {
         name: {"rollouts_to_target_median": r["rollouts_to_target"]["median"], "final_accuracy": r["final_accuracy"]["mean"],

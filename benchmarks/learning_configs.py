@@ -6,9 +6,9 @@ zero-signal groups.
 A method runs on the addition task as it is (columns ``prompt``, ``answer``, ``level``, ``prompt_id``; one
 0/1 exact-answer reward). A method that needs more declares it the core's way (``Method.needs()``: its
 ``columns``); when the task lacks a declared column, the configuration is skipped and the reason is written
-into the results. A method that fails on the plain task is retried once with the task's extras (a second
-reward component: the completion is digits only); if it still fails, the error is the skip reason. Nothing
-is skipped silently.
+into the results. A method that fails on the plain task is retried once with the task's extras (two named
+reward components: ``accuracy``, the exact answer, and ``format``, the completion is digits only; the
+reward is their sum); if it still fails, the error is the skip reason. Nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -59,6 +59,20 @@ def digits_only_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]
     return [float(completion_text(c).isdigit()) for c in completions]
 
 
+def extra_reward_funcs() -> list:
+    """The rewards of the retry with the task's extras: the exact answer named ``accuracy`` and the
+    digits-only check named ``format`` (the names methods that read reward components look for)."""
+    from grpo_plugins_trl.testing import exact_answer_reward
+
+    def accuracy(completions, **kwargs):
+        return exact_answer_reward(completions, **kwargs)
+
+    def format(completions, **kwargs):  # noqa: A001 - the component's name is what methods read
+        return digits_only_reward(completions, **kwargs)
+
+    return [accuracy, format]
+
+
 def category_of(hooks: Sequence[str]) -> str:
     for category, names in CATEGORIES.items():
         if any(hook in names for hook in hooks):
@@ -67,13 +81,23 @@ def category_of(hooks: Sequence[str]) -> str:
 
 
 def paper_overrides(cls: type) -> dict[str, Any]:
-    """The config fields whose paper value differs from the default, as ``{field: paper value}``."""
-    from grpo_plugins.config import describe_config
+    """The config fields whose paper value differs from the default, as ``{field: paper value}``; a paper
+    value the config does not accept (a note such as ``"not given (inferred 0.5)"``) is left out."""
+    from grpo_plugins.config import build_config, describe_config
 
     config = getattr(cls, "Config", None)
     if config is None or not dataclasses.is_dataclass(config):
         return {}
-    return {row["name"]: row["paper"] for row in describe_config(config) if row["paper"] != row["default"]}
+    out = {}
+    for row in describe_config(config):
+        if row["paper"] == row["default"]:
+            continue
+        try:
+            build_config(config, {row["name"]: row["paper"]}, getattr(cls, "name", ""), "")
+        except Exception:  # noqa: BLE001 - not a value of the field: a note, not a setting
+            continue
+        out[row["name"]] = row["paper"]
+    return out
 
 
 def discover_configurations(only: Sequence[str] | None = None) -> list[Configuration]:
@@ -170,8 +194,9 @@ def choose_stacks(records: dict[str, dict[str, Any]], configurations: Sequence[C
 
 
 class SignalProbe(Method):
-    """Counts the completions of every step and the fraction of groups whose advantages are all zero
-    (after every other method: it must be the last in the list); passes advantages through unchanged."""
+    """Counts the completions of every step (with batch editing, every refill round's too: read from the
+    trainer's ``plugin_refill``, set by ``learning.run_one``) and the fraction of groups whose advantages are
+    all zero (after every other method: it must be the last in the list); passes advantages through unchanged."""
 
     name = "benchmark_probe"
 
@@ -182,31 +207,48 @@ class SignalProbe(Method):
 
     @hookimpl
     def adjust_advantages(self, batch, advantages):
-        magnitude = advantages.abs() if advantages.dim() == 1 else torch.where(batch.token_mask, advantages.abs(), 0).amax(1)
+        magnitude = advantages.abs() if advantages.dim() == 1 else torch.where(batch.token_mask.bool(), advantages.abs(), 0).amax(1)
         group_signal = segment_max(magnitude, batch.group_index, batch.num_groups)
         self.zero_signal.append(float((group_signal == 0).float().mean()))
-        self.completions.append(int(batch.prompt_ids.numel()))
+        refill = getattr(getattr(self, "trainer", None), "plugin_refill", None)  # batch editing: refill rounds count too
+        generated = refill.last_plan.rollouts if refill is not None and refill.last_plan is not None else batch.prompt_ids.numel()
+        self.completions.append(int(generated))
         return advantages
+
+
+def oracle_order(pass_rate: torch.Tensor, greedy_wrong: torch.Tensor) -> torch.Tensor:
+    """The oracle's preference over candidate prompts, as indices into them (ties keep the drawn order).
+
+    ``pass_rate``: ``(n,)`` fraction of sampled completions that are correct; ``greedy_wrong``: ``(n,)`` bool.
+    Ranks: 0 informative (``0 < pass_rate < 1``) with a wrong greedy answer, 1 other informative, 2 unsolved
+    (``pass_rate == 0``), 3 solved (``pass_rate == 1``).
+    """
+    informative = (pass_rate > 0) & (pass_rate < 1)
+    rank = torch.where(informative & greedy_wrong, 0, torch.where(informative, 1, torch.where(pass_rate == 0, 2, 3)))
+    return torch.argsort(rank, stable=True)
 
 
 class Oracle(Method):
     """The sensitivity check (not a method, and it cheats): each round it looks at ``candidates`` times the
-    round's prompts, drawn from the pool, samples ``samples`` completions of each with the current model (these
-    are not counted as rollouts), and drops the prompts the model already solves (every sample correct). It
-    fills the round with prompts whose samples disagree first, then with prompts no sample solves, and only
-    then with solved ones. A benchmark on which this does not clearly save rollouts cannot tell methods apart."""
+    round's prompts, drawn from the pool, and with the current model decodes each greedily and samples
+    ``samples`` completions of each (none of this is counted as rollouts). It drops the prompts the model
+    already solves: it fills the round first with prompts whose greedy answer is wrong but which some sample
+    solves (they carry signal and move the greedy accuracy), then with the other prompts whose samples
+    disagree, then with prompts no sample solves, and only then with solved ones. A benchmark on which this
+    does not clearly save rollouts cannot tell methods apart."""
 
     name = "oracle"
-    version = "3x candidates, 4 samples, solved dropped, disagreeing first"  # part of every stored oracle run's key
+    version = "8x candidates, 8 samples + greedy; greedy-wrong informative first, solved last"  # in every oracle run's key
 
-    def __init__(self, pool, tokenizer, candidates: int = 3, samples: int = 4):
+    def __init__(self, pool, tokenizer, candidates: int = 8, samples: int = 8):
         super().__init__()
         self.pool, self.tokenizer, self.candidates, self.samples = pool, tokenizer, candidates, samples
         self.model = None  # the trainer's model, set once the trainer is built
 
     @torch.no_grad()
-    def pass_rates(self, problems) -> torch.Tensor:
-        """``(len(problems),)`` fraction of ``samples`` completions (temperature 1) equal to the answer."""
+    def _solved(self, problems, samples: int) -> torch.Tensor:
+        """``(len(problems), samples)`` bool: completion equals the answer (``samples`` 0: one greedy completion;
+        else ``samples`` completions at temperature 1)."""
         from grpo_plugins_trl.testing import completion_text
         from learning_task import MAX_COMPLETION_TOKENS
 
@@ -214,22 +256,23 @@ class Oracle(Method):
         self.model.eval()
         self.tokenizer.padding_side = "left"
         encoded = self.tokenizer([p.prompt for p in problems], return_tensors="pt", padding=True)
-        out = self.model.generate(
-            **encoded, max_new_tokens=MAX_COMPLETION_TOKENS, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            num_return_sequences=self.samples, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples) if samples else {
+            "do_sample": False}
+        out = self.model.generate(**encoded, max_new_tokens=MAX_COMPLETION_TOKENS, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self.tokenizer.eos_token_id, **sampling)
         self.model.train(was_training)
         texts = self.tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-        answers = [p.answer for p in problems for _ in range(self.samples)]
-        correct = torch.tensor([completion_text(t) == a for t, a in zip(texts, answers)], dtype=torch.float)
-        return correct.view(len(problems), self.samples).mean(1)
+        per_prompt = max(samples, 1)
+        answers = [p.answer for p in problems for _ in range(per_prompt)]
+        correct = torch.tensor([completion_text(t) == a for t, a in zip(texts, answers)])
+        return correct.view(len(problems), per_prompt)
 
     @hookimpl
     def sample_prompts(self, round, generator):
         drawn = torch.randperm(round.dataset_size, generator=generator)[: self.candidates * round.num_prompts]
-        rate = self.pass_rates([self.pool[i] for i in drawn.tolist()])
-        rank = torch.where((rate > 0) & (rate < 1), 0, torch.where(rate == 0, 1, 2))  # informative, unsolved, solved
-        keep = drawn[torch.argsort(rank, stable=True)[: round.num_prompts]]
+        problems = [self.pool[i] for i in drawn.tolist()]
+        rate = self._solved(problems, self.samples).float().mean(1)
+        greedy_wrong = ~self._solved(problems, 0)[:, 0]
+        keep = drawn[oracle_order(rate, greedy_wrong)[: round.num_prompts]]
         self.log_metric("frac_solved_candidates", float((rate == 1).float().mean()))
         return keep

@@ -70,10 +70,11 @@ def median(values: Iterable[float]) -> float:
 def noise(vanilla: list[dict[str, Any]], target_rollouts: float) -> dict[str, Any]:
     """The target and the seed noise: vanilla's mean (over seeds) accuracy at ``target_rollouts`` is the
     target every configuration is asked to reach; ``sd_at_target`` is the seed standard deviation of
-    vanilla's accuracy there; ``sd_final`` the same at the end of the budget."""
+    vanilla's accuracy there (``sd_at_target_3_seeds``: over the first three runs, when there are more);
+    ``sd_final`` the same at the end of the budget."""
     at_target = [accuracy_at(run, target_rollouts) for run in vanilla]
     final = [mean_curve(run)[-1][1] for run in vanilla]
-    return {
+    out = {
         "target_rollouts": target_rollouts,
         "target_accuracy": statistics.mean(at_target),
         "vanilla_at_target_per_seed": at_target,
@@ -82,6 +83,9 @@ def noise(vanilla: list[dict[str, Any]], target_rollouts: float) -> dict[str, An
         "sd_auc": sd([area_under_curve(run) for run in vanilla]),
         "seeds": len(vanilla),
     }
+    if len(at_target) > 3:  # the noise with the seed count of a single-method row
+        out["sd_at_target_3_seeds"] = sd(at_target[:3])
+    return out
 
 
 def paired_ratios(runs: list[dict[str, Any]], vanilla: list[dict[str, Any]], target: float) -> list[float]:

@@ -257,13 +257,14 @@ def grpo_run(
     plugins: list,
     run: RunSettings,
     seed: int,
-    extra_reward_funcs: list | None = None,
+    reward_funcs: list | None = None,
     on_trainer=None,
 ) -> dict[str, Any]:
     """Train a copy of ``warm_model`` with ``PluginGRPOTrainer`` and ``plugins`` (an empty list: vanilla) on
     ``pool`` for ``run.steps`` optimiser steps, one generation round per step, single-threaded.
 
-    ``on_trainer(trainer)`` is called once the trainer is built (the oracle takes its model there).
+    ``reward_funcs``: the rewards (default: the exact answer alone). ``on_trainer(trainer)`` is called once
+    the trainer is built (the oracle takes its model there).
 
     Returns the accuracy per level at step 0 and every ``run.eval_every`` steps (``curve``: a list of
     ``[step, {level: accuracy}]``), the completions generated (``rollouts``), the training reward per step,
@@ -271,9 +272,7 @@ def grpo_run(
     """
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
-    from trl import GRPOConfig
-
-    from grpo_plugins_trl import PluginGRPOTrainer
+    from grpo_plugins_trl import PluginGRPOConfig, PluginGRPOTrainer
 
     torch.set_num_threads(1)
     curve: list[list[Any]] = []
@@ -292,14 +291,14 @@ def grpo_run(
             if state.global_step % run.eval_every == 0 or state.global_step == state.max_steps:
                 self._record(state.global_step, model)
 
-    config = GRPOConfig(
+    config = PluginGRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="grpo_learning_"), use_cpu=True, bf16=False, gradient_checkpointing=False,
         max_steps=run.steps, per_device_train_batch_size=run.rollouts_per_step, gradient_accumulation_steps=1,
         num_generations=run.num_generations, max_completion_length=MAX_COMPLETION_TOKENS, learning_rate=run.lr,
         lr_scheduler_type="constant", warmup_steps=0, beta=0.0, temperature=1.0, logging_steps=1, report_to="none",
         save_strategy="no", seed=seed, data_seed=seed, disable_tqdm=True, dataloader_num_workers=0,
     )
-    rewards = [exact_answer_reward, *(extra_reward_funcs or [])]
+    rewards = reward_funcs or [exact_answer_reward]
     trainer = PluginGRPOTrainer(
         model=copy.deepcopy(warm_model), reward_funcs=rewards if len(rewards) > 1 else rewards[0], args=config,
         train_dataset=to_dataset(pool), processing_class=tokenizer, callbacks=[Evaluate()], plugins=plugins,

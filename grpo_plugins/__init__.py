@@ -20,6 +20,7 @@ from grpo_plugins.method import Method  # noqa: E402
 from grpo_plugins.needs import Needs, TrainerCapabilities, capability_problems, check_capabilities  # noqa: E402
 from grpo_plugins.parallel import ParallelContext  # noqa: E402
 from grpo_plugins.prompt_table import PromptTable  # noqa: E402
+from grpo_plugins.steps import Steps  # noqa: E402
 
 __all__ = [
     "FINITE",
@@ -47,6 +48,7 @@ __all__ = [
     "PromptTable",
     "Range",
     "RunContext",
+    "Steps",
     "TrainerCapabilities",
     "capability_problems",
     "check_capabilities",

@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 from grpo_plugins.errors import CompositionError
 
-PLUGIN_API = "1.1"
+PLUGIN_API = "1.2"
 """The plugin API version this core provides."""
 
 DEFAULT_RANGE = ">=1.0,<2"
@@ -35,9 +35,12 @@ HISTORY: Mapping[str, str] = {
     "1.0": "the first API: hooks sample_prompts, allocate_rollouts, augment_prompts, shape_rewards, "
     "compute_advantages, adjust_advantages, mask_tokens (per-token weights that never change the loss "
     "normaliser), policy_surrogate, gate_loss, loss_terms, observe; Method.requires, disabled_hooks, state",
-    "1.1": "hooks setup, keep_rows, inject_rows, loss_objectives, scale_update; GRPOBatch.turn_index, "
+    "1.1": "hooks setup, keep_rows, inject_rows, loss_objectives, scale_update; GRPOBatch.turn_index (never filled; replaced by GRPOBatch.steps in 1.2), "
     "old_entropies, old_log_probs_at, gradient_statistics; LossInputs.group_index; RunContext; Method.needs, step_generator, "
     "example, plugin_api",
+    "1.2": "the old-policy probe and the update preview: GRPOBatch.probes, GRPOBatch.update_preview, Needs.probes "
+    "(grpo_plugins.probe: ProbeRequest, OldPolicyProbe, ProbeChunk, UpdatePreview); the multi-turn step records "
+    "GRPOBatch.steps (grpo_plugins.steps.Steps), which replace the designed GRPOBatch.turn_index",
 }
 """What each version added (a minor version) or changed (a major one)."""
 
@@ -62,11 +65,13 @@ HOOKS_SINCE: Mapping[str, str] = {
 """The API version in which each hook appeared (every hook of the hook table has a row)."""
 
 FIELDS_SINCE: Mapping[str, str] = {
-    "GRPOBatch.turn_index": "1.1",
     "GRPOBatch.old_entropies": "1.1",
     "GRPOBatch.old_log_probs_at": "1.1",
     "GRPOBatch.gradient_statistics": "1.1",
     "LossInputs.group_index": "1.1",
+    "GRPOBatch.probes": "1.2",
+    "GRPOBatch.update_preview": "1.2",
+    "GRPOBatch.steps": "1.2",
 }
 """The API version in which a field appeared, for every field added after ``1.0`` (the others are ``1.0``)."""
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from grpo_plugins.parallel import ParallelContext
+from grpo_plugins.steps import Steps
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,6 @@ class GRPOBatch:
         token_weights: ``(N, T)`` product of the ``mask_tokens`` outputs (None when no method masks).
         row_data: per-completion tensors (first dimension ``N``) that methods attach during the
             advantage stage; adapters carry them with the rows to the loss stage (``LossInputs.row_data``).
-        turn_index: ``(N, T)`` int64 turn of each completion token in a multi-turn trajectory (0, 1,
-            ...), -1 on tokens the policy did not generate (tool or environment output). Designed, not
-            yet filled by the adapters (batch field ``turn_index``, see ``docs/design.md``).
         old_entropies: ``(N, T)`` token entropies of the behaviour policy. Designed, not yet filled.
         old_log_probs_at: ``{temperature: (N, T)}`` behaviour-policy log-probs of the sampled tokens at
             other temperatures (a method lists its temperatures in ``Needs.temperatures``). Designed,
@@ -97,6 +95,14 @@ class GRPOBatch:
         gradient_statistics: the gradient statistics of the optimiser step being taken
             (:class:`GradientStatistics`), set by the adapter before ``scale_update`` runs (and kept for
             ``observe``); None otherwise. Batch field ``gradient_statistics``.
+        probes: ``{name: OldPolicyProbe}`` the old policy's forward over the batch, streamed in chunks, for
+            the requests methods declare in ``Needs(probes={name: ProbeRequest(...)})``
+            (:mod:`grpo_plugins.probe`; trainer feature ``old_policy_probe``).
+        steps: the per-step records of multi-turn trajectories (:class:`grpo_plugins.steps.Steps`: row,
+            token span, trajectory, turn, step reward, state key, ``(S,)`` each). Batch field ``steps``;
+            the TRL adapter fills it (``grpo_plugins_trl.turns``), verl not yet (``docs/design.md``).
+        update_preview: the optimiser's coming update of the LM head (:class:`grpo_plugins.probe.UpdatePreview`)
+            when a request sets ``update_preview=True`` (trainer feature ``update_preview``); None otherwise.
     """
 
     prompt_ids: torch.Tensor
@@ -117,10 +123,12 @@ class GRPOBatch:
     advantages: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
     row_data: dict[str, torch.Tensor] = field(default_factory=dict)
-    turn_index: torch.Tensor | None = None
     old_entropies: torch.Tensor | None = None
     old_log_probs_at: dict[float, torch.Tensor] = field(default_factory=dict)
     gradient_statistics: "GradientStatistics | None" = None
+    probes: dict[str, Any] = field(default_factory=dict)
+    update_preview: Any = None
+    steps: "Steps | None" = None
 
     @property
     def num_completions(self) -> int:

@@ -116,6 +116,11 @@ class Composition:
         """Names of the enabled methods that require the batch field ``field``."""
         return [e.name for e in self.enabled if field in self._needs[e.name].batch_fields]
 
+    def temperatures(self) -> tuple[float, ...]:
+        """The temperatures of ``old_log_probs_at`` the enabled methods read (``Needs.temperatures``),
+        sorted; empty when no method reads the field."""
+        return tuple(sorted(set().union(*(self._needs[name].temperatures for name in self.requirers("old_log_probs_at")))))
+
     @property
     def has_loss_hooks(self) -> bool:
         """Whether the loss must be assembled by the adapter (a surrogate, gates or added terms)."""

@@ -63,12 +63,16 @@ from grpo_plugins.composition import Composition
 from grpo_plugins.config import Range, build_config, undeclared_domains
 from grpo_plugins.errors import ConfigError, GRPOPluginsError
 from grpo_plugins.example import Example
+from grpo_plugins.injection import parse_rows
 from grpo_plugins.method import Method
 from grpo_plugins.parallel import ParallelContext
+from grpo_plugins.probe import LinearProbe
 from grpo_plugins.registry import discover, resolve
+from grpo_plugins.steps import Steps
+from grpo_plugins.surrogates import ppo_clip_loss
 
 OPTIONAL_BATCH_FIELDS = ("completion_ids", "old_log_probs", "ref_log_probs", "prompts", "completions", "rows",
-                         "turn_index", "old_entropies")
+                         "old_entropies", "steps")
 """``GRPOBatch`` fields an adapter fills only when a method declares them (``Method.requires`` or
 ``needs().batch_fields``): verl fills none of them unasked, TRL no ``old_log_probs`` in on-policy runs."""
 OPTIONAL_LOSS_FIELDS = ("ref_log_probs", "entropies", "row_data", "group_index")
@@ -76,6 +80,8 @@ OPTIONAL_LOSS_FIELDS = ("ref_log_probs", "entropies", "row_data", "group_index")
 GROUP_KEY_COLUMN = "prompt_id"
 """A dataset column the adapters use as the group key instead of the row's index, when present."""
 SETUP_FEATURES = frozenset(("method_setup", "step_generator"))
+PROBE_POSITIONS = 512
+"""Completion positions of the reference model behind the probes of the suite's batches."""
 NON_DYADIC_REWARDS = (0.3, 7.782482, 123.4, 1e4)
 """Constant group rewards checked when a method accepts any reward: the float mean of none is exact."""
 
@@ -235,10 +241,28 @@ def example_batch(
         step=step,
         total_steps=example.total_steps,
         parallel=parallel or ParallelContext(),
-        turn_index=torch.where(keep, torch.zeros(n, num_tokens, dtype=torch.long), -1),
         old_entropies=torch.where(keep, torch.rand(n, num_tokens, generator=gen), torch.full((n, num_tokens), padding)),
         old_log_probs_at={float(tau): log_probs() for tau in example.temperatures},
+        steps=two_turn_steps(lengths, ids, components.sum(1)),
     )
+
+
+def two_turn_steps(lengths: torch.Tensor, prompt_ids: torch.Tensor, rewards: torch.Tensor) -> Steps:
+    """Multi-turn records for an example batch: each row one trajectory, split into two turns (one when it
+    holds a single token, none when empty); every trajectory of a prompt starts from the same state (the
+    first turns share a key), the second turn's state is one of two per prompt; the outcome reward is the
+    last turn's step reward, the first turn has none (NaN)."""
+    rows = torch.arange(lengths.numel())
+    first_end = (lengths + 1) // 2
+    second = lengths >= 2
+    row = torch.cat([rows[lengths >= 1], rows[second]])
+    start = torch.cat([torch.zeros_like(first_end)[lengths >= 1], first_end[second]])
+    end = torch.cat([first_end[lengths >= 1], lengths[second]])
+    turn = torch.cat([torch.zeros_like(rows)[lengths >= 1], torch.ones_like(rows)[second]])
+    key = prompt_ids[row] * 4 + turn * (1 + row % 2)
+    last = (turn == 1) | ~second[row]
+    reward = torch.where(last, rewards[row].float(), torch.full_like(rewards[row].float(), float("nan")))
+    return Steps(row=row, start=start, end=end, trajectory=row, turn=turn, reward=reward, key=key)
 
 
 def example_row(example: Example, prompt_id: int) -> dict[str, Any]:
@@ -258,6 +282,8 @@ def rows_of(batch: GRPOBatch, index: torch.Tensor) -> GRPOBatch:
             changes[f.name] = value[index]
         elif isinstance(value, list) and len(value) == n:
             changes[f.name] = [value[i] for i in index.tolist()]
+    if batch.steps is not None:
+        changes["steps"] = batch.steps.rows_of(index, n)
     if batch.old_log_probs_at:  # {temperature: (N, T)}
         changes["old_log_probs_at"] = {tau: value[index] for tau, value in batch.old_log_probs_at.items()}
     return dataclasses.replace(batch, **changes)
@@ -273,7 +299,7 @@ def trainer_surrogate(inputs: LossInputs) -> torch.Tensor:
     """The trainer's PPO-clip per-token loss ``-min(rho A, clip(rho) A)`` ``(B, T)``."""
     ratio = torch.exp(inputs.log_probs - inputs.old_log_probs)
     clipped = ratio.clamp(1 - inputs.clip_low, 1 + inputs.clip_high)
-    return -torch.minimum(ratio * inputs.advantages, clipped * inputs.advantages)
+    return ppo_clip_loss(ratio, inputs.advantages, inputs.clip_low, inputs.clip_high)
 
 
 def plan_round(composition: Composition, example: Example, step: int, seed: int) -> dict[str, Any]:
@@ -353,6 +379,11 @@ def run_step(
 ) -> dict[str, Any]:
     """The advantage stage, the loss stage on the whole batch (one micro-batch, token-mean loss with the
     token weights) and ``observe``: every output, the loss, its gradient, the state and the metrics."""
+    attach_probes(composition, batch)
+    composition.run_keep_rows(batch)  # batch editing (the trainer's refill is not simulated): its output contract
+    # injected rows: the output contract and the rows' checks (the adapter's appending is not simulated here;
+    # grpo_plugins.injection.append_rows builds such a batch for a method's own tests)
+    parse_rows(composition.run_inject_rows(batch), batch.prompt_ids, composition.providers("inject_rows"))
     batch = composition.run_advantage_stage(batch)
     mask = batch.completion_mask
     weights = torch.ones_like(mask) if batch.token_weights is None else batch.token_weights
@@ -381,6 +412,15 @@ def run_step(
         "metrics": metrics,
         "mask": mask,
     }
+
+
+def attach_probes(composition: Composition, batch: GRPOBatch) -> None:
+    """The old-policy probes the methods request (and the update preview), on the core's reference model
+    (:class:`grpo_plugins.probe.LinearProbe`), as an adapter attaches them before the advantage stage."""
+    requests = {name: request for needs in composition.needs().values() for name, request in needs.probes.items()}
+    if requests:
+        batch.probes, batch.update_preview = {}, None  # the batch's own (rows_of shares the dict of its source)
+        LinearProbe(max_positions=PROBE_POSITIONS).attach(batch, requests, default_rows=4)
 
 
 def log_probs_grad(inputs: LossInputs) -> torch.Tensor:
@@ -757,7 +797,9 @@ def data_parallel_outputs(subject: Subject, parallel: ParallelContext, rank: int
     index = shard_rows.nonzero().flatten()
     shard = rows_of(batch, index)
     shard.parallel = ParallelContext(rank=parallel.rank, world_size=world, gathered=world == 1)
-    staged = subject.composition().run_advantage_stage(shard)
+    staged_composition = subject.composition()
+    attach_probes(staged_composition, shard)
+    staged = staged_composition.run_advantage_stage(shard)
     out["shard_index"] = index
     out["shard"] = {
         "rewards": staged.rewards,
@@ -766,9 +808,10 @@ def data_parallel_outputs(subject: Subject, parallel: ParallelContext, rank: int
         "row_data": dict(staged.row_data),
     }
     # the loss stage on row shards of the whole batch after its (gathered) advantage stage
-    full = subject.composition().run_advantage_stage(
-        example_batch(example, group_sizes_for(example, DP_SIZES), seed=32, parallel=gathered_parallel)
-    )
+    full_composition = subject.composition()
+    full_batch = example_batch(example, group_sizes_for(example, DP_SIZES), seed=32, parallel=gathered_parallel)
+    attach_probes(full_composition, full_batch)
+    full = full_composition.run_advantage_stage(full_batch)
     n = full.num_completions
     rows = torch.arange(n)[: n * 2 // 5] if (world > 1 and rank == 0) else torch.arange(n)[n * 2 // 5:] if world > 1 else torch.arange(n)
     inputs = loss_inputs(full, seed=9)

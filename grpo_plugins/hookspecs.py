@@ -111,9 +111,11 @@ def augment_prompts(
 def keep_rows(batch: GRPOBatch) -> torch.Tensor:
     """Choose the completions that train (e.g. drop groups whose rewards are all equal).
 
-    Runs after scoring, before the advantage stage, on the global batch. The adapter drops the rows
-    not kept and refills the batch with new prompts until it holds the trainer's batch size (DAPO's
-    dynamic sampling), so a dropped group never shrinks the update.
+    Runs after scoring, before the advantage stage, on the global batch of each generation round. The
+    adapter drops the groups not kept and refills the batch with new prompts until it holds the
+    trainer's batch size (DAPO's dynamic sampling; :mod:`grpo_plugins.batch_editing`), so a dropped
+    group never shrinks the update. Keep or drop every row of a prompt's group: a group partly kept
+    is refused.
 
     Args:
         batch: the global generation batch with ``rewards`` (unshaped) and ``reward_components``.
@@ -127,17 +129,20 @@ def keep_rows(batch: GRPOBatch) -> torch.Tensor:
 def inject_rows(batch: GRPOBatch) -> list[dict]:
     """Add rows the policy did not generate (e.g. a demonstration in a group that failed).
 
-    Runs after scoring, before the advantage stage. The adapter tokenises each row, scores it with the
-    trainer's reward functions unless it carries a ``reward``, computes its log-probs and appends it to
-    its prompt's group; the row is flagged in ``batch.row_data["injected"]`` so the loss can treat it as
-    off-policy.
+    Runs after scoring (and after batch editing's refill), before the advantage stage. The adapter
+    tokenises each row as it tokenises completions, scores it with the trainer's reward functions unless
+    it carries a ``reward``, computes its log-probs like every row's and appends it to its prompt's
+    group. Each row's kind is in ``row_data["injected"]`` (``(N,)`` int64: 0 for a generated row, else
+    :func:`grpo_plugins.injection.kind_code` of its kind) at the advantage and the loss stage, so a
+    method can give injected rows their own loss or leave them out of its group statistics
+    (:mod:`grpo_plugins.injection`).
 
     Args:
-        batch: the global generation batch with ``rewards``.
+        batch: the global generation batch with ``rewards`` (unshaped).
 
     Returns:
-        A list of dicts, each with ``prompt_id`` (int), ``completion`` (text or token ids) and optionally
-        ``reward`` (float).
+        A list of dicts, each with ``prompt_id`` (int, a prompt of the batch), ``completion`` (text or
+        token ids) and optionally ``kind`` (str, default ``"injected"``) and ``reward`` (float).
     """
 
 

@@ -146,10 +146,11 @@ TABLE: tuple[Hook, ...] = (
          "The prompts the trainer generates from.", feature="prompt_rewriting", chained="prompts"),
     Hook("keep_rows", "batch editing", "multiply", Output(shapes=(("N",),), dtype="bool"),
          "Rows kept for training (a row is kept only if every method keeps it); the adapter drops the others "
-         "and refills the batch with new prompts.", feature="batch_editing", provided=False),
+         "and refills the batch with new prompts.", feature="batch_editing", provided=False, runs_on=("TRL", "verl")),
     Hook("inject_rows", "batch editing", "add", Output(kind="rows"),
-         "Extra rows (e.g. demonstrations) the adapter scores and appends to the batch, flagged off-policy.",
-         feature="row_injection", provided=False),
+         "Extra rows (e.g. demonstrations) the adapter tokenises, scores unless given a reward and appends to "
+         "their prompt's group; each row's kind is in `row_data['injected']`.",
+         feature="row_injection", provided=False, runs_on=("TRL",)),
     Hook("shape_rewards", "advantage stage", "chain", FLOAT_PER_COMPLETION,
          "Becomes `batch.rewards`, which the estimator reads.", feature="advantage_hooks", chained="rewards"),
     Hook("compute_advantages", "advantage stage", "single", FLOAT_ADVANTAGES,

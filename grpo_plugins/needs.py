@@ -27,6 +27,7 @@ from grpo_plugins.batch import GRPOBatch, LossInputs
 from grpo_plugins.config import Range
 from grpo_plugins.errors import CompositionError
 from grpo_plugins.hooktable import TABLE
+from grpo_plugins.probe import ProbeRequest
 
 if TYPE_CHECKING:
     from grpo_plugins.composition import Composition
@@ -42,7 +43,7 @@ FEATURES: Mapping[str, str] = {
     "token_loss": "a per-token loss assembled from the method's hooks (policy_surrogate, gate_loss, loss_terms)",
     "after_step": "a call after each optimiser step (hook observe)",
     "method_state": "method state saved with every checkpoint and restored on resume",
-    # designed (docs/design.md), not yet provided by any adapter
+    # the designed surface (docs/design.md): each adapter says which it provides (grpo-plugins list --json)
     "method_setup": "a call before the first step with the tokenizer and trainer settings (hook setup)",
     "step_generator": "a seeded per-step generator identical on every rank (Method.step_generator; needs the "
     "run's seed from setup)",
@@ -51,6 +52,10 @@ FEATURES: Mapping[str, str] = {
     "loss_normalisers": "loss terms reduced with their own normaliser (hook loss_objectives)",
     "whole_groups": "every completion of a group in the same loss micro-batch (LossInputs.group_index)",
     "update_control": "scaling the optimiser step's update (hook scale_update)",
+    "old_policy_probe": "the old policy's hidden states and logits over the batch at the advantage stage, streamed in "
+    "chunks (Needs.probes, GRPOBatch.probes)",
+    "update_preview": "the optimiser's coming update of the LM head: its weight, optimiser state and learning rate "
+    "(ProbeRequest.update_preview, GRPOBatch.update_preview)",
 }
 """Trainer features a method may need, with what each means."""
 
@@ -60,7 +65,8 @@ PROVIDED_FEATURES: frozenset[str] = frozenset(
 )
 """Features both adapters provide today at their default settings (:meth:`TrainerCapabilities.standard`)."""
 
-DESIGNED_BATCH_FIELDS: frozenset[str] = frozenset(("turn_index", "old_entropies", "old_log_probs_at", "gradient_statistics"))
+DESIGNED_BATCH_FIELDS: frozenset[str] = frozenset(("old_entropies", "old_log_probs_at", "gradient_statistics",
+                                                   "probes", "update_preview", "steps"))
 DESIGNED_LOSS_FIELDS: frozenset[str] = frozenset(("group_index",))
 """Fields of the designed hook surface that no adapter fills yet."""
 
@@ -105,6 +111,9 @@ class Needs:
         excludes: methods it cannot run with (an active one is refused when the run is built; the
             built-in ``grpo`` is active when it estimates the advantages).
         temperatures: temperatures of ``batch.old_log_probs_at`` it reads.
+        probes: ``{name: ProbeRequest}`` old-policy probes it reads as ``batch.probes[name]``
+            (:mod:`grpo_plugins.probe`); they imply the feature ``old_policy_probe``, and ``update_preview``
+            when a request sets it.
         why: ``{need: reason}``, quoted in the error messages.
     """
 
@@ -116,9 +125,15 @@ class Needs:
     methods: frozenset[str] = frozenset()
     excludes: frozenset[str] = frozenset()
     temperatures: frozenset[float] = frozenset()
+    probes: Mapping[str, ProbeRequest] = field(default_factory=dict)
     why: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
+        object.__setattr__(self, "probes", dict(self.probes))
+        implied = {"old_policy_probe"} if self.probes else set()
+        if any(isinstance(r, ProbeRequest) and r.update_preview for r in self.probes.values()):
+            implied.add("update_preview")
+        object.__setattr__(self, "features", _names(self.features) | implied)
         for name in ("batch_fields", "loss_fields", "features", "columns", "methods", "excludes"):
             object.__setattr__(self, name, _names(getattr(self, name)))
         object.__setattr__(self, "temperatures", frozenset(float(t) for t in self.temperatures))
@@ -136,6 +151,7 @@ class Needs:
             methods=self.methods | other.methods,
             excludes=self.excludes | other.excludes,
             temperatures=self.temperatures | other.temperatures,
+            probes={**self.probes, **other.probes},
             why={**self.why, **other.why},
         )
 
@@ -150,6 +166,11 @@ class Needs:
         ):
             for name in sorted(set(names) - set(known)):
                 problems.append(f"unknown {label} '{name}' (known: {', '.join(sorted(known))})")
+        for name, request in self.probes.items():
+            if not isinstance(request, ProbeRequest):
+                problems.append(f"probe '{name}' must be a grpo_plugins.probe.ProbeRequest, got {type(request).__name__}")
+            else:
+                problems.extend(f"probe '{name}': {text}" for text in request.problems())
         for name, allowed in self.settings.items():
             if not isinstance(allowed, (tuple, Range)):
                 problems.append(f"setting '{name}' must be restricted to a tuple of values or a Range, got {allowed!r}")
@@ -163,6 +184,8 @@ class Needs:
                 out[name] = sorted(getattr(self, name))
         if self.temperatures:
             out["temperatures"] = sorted(self.temperatures)
+        if self.probes:
+            out["probes"] = {name: request.text() for name, request in sorted(self.probes.items())}
         if self.settings:
             out["settings"] = {k: _allowed_text(v) for k, v in sorted(self.settings.items())}
         return out
@@ -171,7 +194,7 @@ class Needs:
         """One readable line per kind of need (for ``grpo-plugins show``)."""
         labels = {"batch_fields": "batch fields", "loss_fields": "loss fields", "features": "trainer features",
                   "columns": "dataset columns", "methods": "methods", "excludes": "excludes methods",
-                  "temperatures": "temperatures", "settings": "settings"}
+                  "temperatures": "temperatures", "probes": "old-policy probes", "settings": "settings"}
         out = []
         for key, value in self.as_dict().items():
             text = ", ".join(f"{k} in {v}" for k, v in value.items()) if isinstance(value, dict) else ", ".join(map(str, value))

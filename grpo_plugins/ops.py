@@ -58,6 +58,25 @@ def segment_std(
     return _std(counts, centred, index, unbiased)
 
 
+def group_ranks(index: torch.Tensor, num_groups: int, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Position of each member within its group -> ``(N,)`` int64 in ``[0, size_g)``.
+
+    Ascending by ``scores`` ``(N,)`` (ties broken by batch position), or by batch position when
+    ``scores`` is None. Two stable sorts order the batch by (group, score, position); a batch already
+    stored group by group needs none when ``scores`` is None.
+    """
+    sizes = segment_count(index, num_groups)
+    starts = torch.cumsum(sizes, 0) - sizes
+    position = torch.arange(index.numel(), device=index.device)
+    if scores is None and bool((index[1:] >= index[:-1]).all()):
+        return position - starts[index]
+    order = position if scores is None else torch.sort(scores, stable=True).indices
+    order = order[torch.sort(index[order], stable=True).indices]
+    ranks = torch.empty_like(position)
+    ranks[order] = position - starts[index[order]]
+    return ranks
+
+
 def segment_max(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Maximum of ``values`` ``(N,)`` per group -> ``(G,)``; an empty group gives -inf."""
     out = values.new_full((num_groups,), float("-inf"))

@@ -29,6 +29,16 @@ def ppo_clip_loss(
     return -torch.min(ratio * advantages, clipped * advantages)
 
 
+def dual_clip_loss(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float
+) -> torch.Tensor:
+    """Dual-clip PPO (Ye et al., 2019; verl's ``vanilla`` loss with ``clip_ratio_c``): PPO's clipped loss
+    ``l`` (:func:`ppo_clip_loss`), and ``min(l, -dual_clip * A)`` where ``A < 0``, which bounds the loss of a
+    negative-advantage token whose ratio has grown large."""
+    loss = ppo_clip_loss(ratio, advantages, clip_low, clip_high)
+    return torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+
+
 def sapo_soft_coefficient(ratio: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
     """SAPO's soft gate ``f(r) = sigmoid(tau (r - 1)) * 4 / tau`` (``f(1) = 2 / tau``, ``f'(1) = 1``)."""
     return torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature

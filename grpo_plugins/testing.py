@@ -6,7 +6,8 @@ Fixtures:
     ``enable_methods``: builds a :class:`Composition` from a method list through real discovery,
         for one test.
 Helpers:
-    :func:`make_batch`, :func:`run_advantage_stage`; for a method's speed notes :func:`best_of`
+    :func:`make_batch`, :func:`run_advantage_stage`, :class:`BatchRecorder` (a method keeping every batch
+    ``observe`` sees); for a method's speed notes :func:`best_of`
     and :func:`cpu_single_thread`.
 Option:
     ``--grpo-plugins-conformance=NAME``: run the conformance suite (:mod:`grpo_plugins.conformance`)
@@ -25,6 +26,8 @@ import torch
 
 from grpo_plugins.batch import GRPOBatch
 from grpo_plugins.composition import Composition
+from grpo_plugins import hookimpl
+from grpo_plugins.method import Method
 
 
 def make_batch(
@@ -72,6 +75,27 @@ def make_batch(
     for key, value in fields.items():
         setattr(batch, key, value)
     return batch
+
+
+class BatchRecorder(Method):
+    """A method that changes nothing and keeps every batch ``observe`` sees (``batches``) and its step
+    (``steps``); ``needs``: batch fields it requires, so that the adapter fills them."""
+
+    name = "recorder"
+
+    def __init__(self, needs: Sequence[str] = ()):
+        super().__init__()
+        self.fields = set(needs)
+        self.batches: list[GRPOBatch] = []
+        self.steps: list[int] = []
+
+    def requires(self) -> set[str]:
+        return self.fields
+
+    @hookimpl
+    def observe(self, batch: GRPOBatch, step: int) -> None:
+        self.batches.append(batch)
+        self.steps.append(step)
 
 
 def run_advantage_stage(methods: Sequence[Any], batch: GRPOBatch, **kwargs: Any) -> GRPOBatch:

@@ -8,7 +8,7 @@ import torch
 
 from grpo_plugins.errors import BatchError
 
-_TOKEN_FIELDS = ("completion_ids", "completion_mask", "old_log_probs", "ref_log_probs", "turn_index", "old_entropies")
+_TOKEN_FIELDS = ("completion_ids", "completion_mask", "old_log_probs", "ref_log_probs", "old_entropies")
 
 
 def validate_batch(batch: Any) -> None:
@@ -53,6 +53,12 @@ def validate_batch(batch: Any) -> None:
         value = getattr(batch, name)
         if value is not None and len(value) != n:
             raise BatchError(f"{name} must hold N={n} items like prompt_ids, got {len(value)}")
+    steps = getattr(batch, "steps", None)
+    if steps is not None:
+        width = shape[1] if shape is not None else int(steps.end.max()) if steps.num_steps else 0
+        problems = steps.problems(n, width)
+        if problems:
+            raise BatchError("steps (the multi-turn records): " + "; ".join(problems))
     if batch.completion_mask is not None and not bool(batch.completion_mask.gt(0).any()):
         raise BatchError("completion_mask masks every token of the batch; nothing is left to learn from")
 

@@ -212,6 +212,15 @@ def _trl_trainer(methods=None, trainer: str = "plugin", dataset=None, **settings
                    processing_class=tiny_tokenizer())
 
 
+def _refill_exhausted():
+    """filter_groups with a constant reward: every group is dropped, the bounded rounds run out."""
+    from grpo_plugins_trl.testing import tiny_grpo_run
+
+    with tempfile.TemporaryDirectory() as folder:
+        tiny_grpo_run(None, max_steps=1, reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+                      filter_groups=True, max_num_gen_batches=2, output_dir=folder)
+
+
 def _resume(methods, damage: str):
     """Train 2 steps with a checkpoint, damage its plugin state file, resume: the resume must refuse."""
     from grpo_plugins_trl.testing import tiny_grpo_run
@@ -370,6 +379,8 @@ MISTAKES: list[Mistake] = [
             ("info_consistent", "prompt_id"), START_UP, _with_prompt_ids_missing),
     Mistake("single-rollouts", "knapsack_rl min_n 1 with grpo's group normalisation", CompositionError,
             ("method 'knapsack_rl'", "'grpo'", "min_n=1"), START_UP, lambda: _trl_trainer([{"knapsack_rl": {"min_n": 1}}])),
+    Mistake("refill-exhausted", "dynamic sampling (filter_groups) on a reward that never varies", RuntimeError,
+            ("max_num_gen_batches=2", "on_refill_exhausted='keep_dropped'"), FIRST_BATCH, _refill_exhausted),
     Mistake("normalize-then-sum", "ngrpo with TRL's multi_objective_aggregation=normalize_then_sum", CompositionError,
             ("ngrpo", "normalize_then_sum"), START_UP,
             lambda: _trl_trainer(["ngrpo"], multi_objective_aggregation="normalize_then_sum")),

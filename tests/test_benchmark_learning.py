@@ -111,7 +111,7 @@ def test_quick_mode_end_to_end_and_resumes(tmp_path, capsys):
     runs = sorted((tmp_path / "learning.runs").rglob("seed*.json"))
     assert len(runs) == 16
     one = json.loads(runs[0].read_text())
-    assert one["rollouts"] == 6 * 64 and one["rollouts_at"]["6"] == 6 * 64  # completions counted by the probe
+    assert one["rollouts"] == 6 * 128 and one["rollouts_at"]["6"] == 6 * 128  # completions counted by the probe
     assert one["checkpoint_sha256"] == warm["checkpoint_sha256"]
     # on the fresh pool no prompt is seen twice, so knapsack_rl has no history and trains like vanilla
     fresh = {r["configuration"]: r for r in saved["records"] if r["regime"] == "fresh"}
@@ -133,3 +133,81 @@ def test_trailing_window_smooths_the_curve():
     run["window"] = 2
     assert [round(a, 6) for _, a in stats.mean_curve(run)] == [0.5, 0.6, 0.65, 0.7]
     assert stats.rollouts_to_reach(run, 0.65) == 1280
+
+
+def test_oracle_prefers_informative_prompts_the_greedy_answer_gets_wrong():
+    import torch
+    from learning_configs import oracle_order
+
+    rate = torch.tensor([1.0, 0.5, 0.0, 0.25, 0.75, 1.0])
+    greedy_wrong = torch.tensor([False, False, True, True, False, False])
+    # 3: informative and greedy-wrong; 1, 4: informative; 2: unsolved; 0, 5: solved (drawn order kept)
+    assert oracle_order(rate, greedy_wrong).tolist() == [3, 1, 4, 2, 0, 5]
+
+
+def test_full_mode_target_lies_before_the_end_of_the_budget():
+    import learning
+
+    mode = learning.FULL
+    draws = mode.run.steps * mode.run.prompts_per_step
+    assert 0 < mode.target_fraction < 1 and mode.run.steps % mode.run.eval_every == 0
+    task = learning.task_settings(mode)
+    assert task.revisited_pool * mode.revisits == draws and task.fresh_pool >= draws  # seen ~revisits times / at most once
+    assert len(learning.QUICK.configurations) == 3 and learning.QUICK.run.steps < mode.run.steps
+
+
+def test_paper_settings_leave_out_notes_that_are_not_values():
+    from dataclasses import dataclass
+
+    from grpo_plugins import POSITIVE, Method, option
+    from learning_configs import paper_overrides
+
+    class Demo(Method):
+        name = "demo"
+
+        @dataclass(frozen=True)
+        class Config:
+            rate: float = option(0.1, "a rate", paper=0.2, domain=POSITIVE)
+            width: float = option(0.5, "a width", paper="not given (inferred 0.5)", domain=POSITIVE)
+            same: float = option(1.0, "as in the paper", paper=1.0, domain=POSITIVE)
+
+    assert paper_overrides(Demo) == {"rate": 0.2}
+
+
+def test_probe_counts_zero_signal_groups_for_sequence_and_token_advantages():
+    import torch
+    from grpo_plugins.testing import make_batch
+    from learning_configs import SignalProbe
+
+    batch = make_batch(group_sizes=(2, 3), shuffle=False, num_tokens=4)
+    probe = SignalProbe()
+    sequence = torch.tensor([0.0, 0.0, 1.0, -0.5, -0.5])  # the first group carries no signal
+    assert torch.equal(probe.adjust_advantages(batch, sequence), sequence)  # passed through unchanged
+    tokens = torch.zeros(5, 4)
+    tokens[0, 0] = 0.3  # signal on a real token of the first group; padding values are ignored
+    tokens[2:, 3] = torch.where(batch.completion_mask[2:, 3] > 0, 0.0, 9.0)
+    probe.adjust_advantages(batch, tokens)
+    assert probe.zero_signal == [0.5, 0.5] and probe.completions == [5, 5]
+
+
+def test_noise_also_over_the_first_three_seeds():
+    vanilla = [make_run([0.5, p, 0.7], seed=s) for s, p in enumerate([0.60, 0.62, 0.64, 0.70, 0.70])]
+    noise = stats.noise(vanilla, 640)
+    assert noise["sd_at_target_3_seeds"] == pytest.approx(0.02) and noise["sd_at_target"] > 0.04
+    assert "sd_at_target_3_seeds" not in stats.noise(vanilla[:3], 640)
+
+
+def test_goals_name_the_best_stack_and_the_lowest_zero_signal():
+    import learning
+
+    def record(name, kind, ratio, zero, verdict="tie"):
+        return {"configuration": name, "kind": kind, "rollouts_ratio": {"median": ratio, "min": ratio, "max": ratio},
+                "auc": {"mean": 0.6}, "verdict": verdict, "seeds": 5, "zero_signal_group_fraction": zero}
+
+    records = {"vanilla": record("vanilla", "baseline", 1.0, 0.5, "reference"),
+               "a": record("a", "single", 0.9, 0.0, "worse"), "b": record("b", "single", 0.8, 0.08),
+               "a+b": record("a+b", "stack", 0.45, 0.3), "b+c": record("b+c", "stack", math.nan, 0.2)}
+    goals = learning.goals({"revisited": {"records": records}, "fresh": {"records": {}}})
+    assert goals["best_stack"]["configuration"] == "a+b" and goals["best_stack"]["holds"]
+    assert goals["zero_signal"] == {"vanilla": 0.5, "lowest": 0.08, "configuration": "b", "goal": 0.1, "holds": True}
+    assert goals["worse_than_vanilla"] == {"revisited": ["a"], "fresh": []}

@@ -65,8 +65,8 @@ def test_needs_combine_the_hooks_requires_state_and_the_declaration():
 
 
 def test_declared_batch_fields_are_required_fields():
-    composition = Composition([named("turns", needs=Needs(batch_fields={"turn_index"}))])
-    assert composition.required_fields() == {"turn_index"} and composition.requirers("turn_index") == ["turns"]
+    composition = Composition([named("turns", needs=Needs(batch_fields={"steps"}))])
+    assert composition.required_fields() == {"steps"} and composition.requirers("steps") == ["turns"]
 
 
 def test_a_standard_trainer_runs_every_provided_feature():
@@ -87,7 +87,7 @@ def test_every_problem_is_reported_at_once_naming_method_need_and_setting():
         .with_settings(loss_aggregation="sequence_mean")
         .with_columns(["prompt"])
     )
-    composition = Composition([Budgeted(), named("turns", needs=Needs(batch_fields={"turn_index"}))])
+    composition = Composition([Budgeted(), named("turns", needs=Needs(batch_fields={"steps"}))])
     problems = capability_problems(composition, caps)
     assert len(problems) == 5, problems
     text = "\n".join(problems)
@@ -98,7 +98,7 @@ def test_every_problem_is_reported_at_once_naming_method_need_and_setting():
     assert "method 'budgeted' needs dataset column 'hint', which the training dataset of TRL GRPOTrainer lacks (columns: prompt)" in text
     assert ("method 'budgeted' cannot run with TRL GRPOTrainer setting loss_type = 'sequence_mean' (loss_aggregation "
             "must be in 'token_mean')") in text
-    assert ("method 'turns' needs batch field 'turn_index' (GRPOBatch.turn_index at the advantage stage); "
+    assert ("method 'turns' needs batch field 'steps' (GRPOBatch.steps at the advantage stage); "
             "TRL GRPOTrainer lacks it: this adapter does not provide it yet") in text
     with pytest.raises(CompositionError, match=r"cannot run on TRL GRPOTrainer as configured \(5 problems\):\n- method 'budgeted'"):
         composition.check_capabilities(caps)
@@ -139,8 +139,9 @@ def test_a_designed_hook_is_refused_until_an_adapter_provides_it(hook, feature):
 def test_standard_capabilities_leave_out_only_the_designed_surface():
     caps = TrainerCapabilities.standard("x")
     assert caps.features == PROVIDED_FEATURES and PROVIDED_FEATURES < set(FEATURES)
-    assert {"turn_index", "old_entropies", "old_log_probs_at"}.isdisjoint(caps.batch_fields)
-    assert caps.batch_fields == BATCH_FIELDS - {"turn_index", "old_entropies", "old_log_probs_at", "gradient_statistics"}
+    assert {"steps", "old_entropies", "old_log_probs_at"}.isdisjoint(caps.batch_fields)
+    assert caps.batch_fields == BATCH_FIELDS - {"old_entropies", "old_log_probs_at", "gradient_statistics",
+                                                "probes", "update_preview", "steps"}
     assert "group_index" not in caps.loss_fields and {"row_data", "entropies", "step"} <= caps.loss_fields
     with pytest.raises(ValueError, match=r"unknown feature\(s\) or field\(s\) \['variable_budget'\]"):
         caps.without("variable_budget", because="typo")

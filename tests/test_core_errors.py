@@ -84,7 +84,7 @@ def test_an_unknown_config_key_lists_the_valid_fields():
     assert "method 'length_penalty' (distribution grpo-plugin-length-penalty)" in message
     assert "unknown config key(s) ['penalty_per_tokens']; did you mean 'penalty_per_token'?" in message
     assert "valid fields: penalty_per_token" in message
-    with pytest.raises(ConfigError, match=r"'grpo'.*unknown config key\(s\) \['nope'\].*valid fields: epsilon, scale"):
+    with pytest.raises(ConfigError, match=r"'grpo'.*unknown config key\(s\) \['nope'\].*valid fields: aggregation, arithmetic, epsilon, scale"):
         Composition([{"grpo": {"nope": 1}}])
 
 

@@ -182,3 +182,20 @@ def test_constant_groups_flags_exact_equality_only():
     values = torch.tensor([1.0, 1.0, 2.0, 2.0 + 1e-6, 5.0])
     index = torch.tensor([0, 0, 1, 1, 2])
     assert ops.constant_groups(values, index, 4).tolist() == [True, False, True, True]  # 1 member / empty: constant
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("by_score", [False, True])
+def test_group_ranks_match_a_loop(seed, by_score):
+    index, values, G = uneven_groups(seed)
+    values = values.round(decimals=0) if by_score else None  # ties: broken by batch position
+    ranks = ops.group_ranks(index, G, values)
+    for g in range(G):
+        rows = [i for i in range(len(index)) if int(index[i]) == g]
+        expected = sorted(rows, key=lambda i: (float(values[i]), i)) if by_score else rows
+        assert [int(ranks[i]) for i in expected] == list(range(len(rows)))
+
+
+def test_group_ranks_of_a_grouped_batch_are_positions():
+    index = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert ops.group_ranks(index, 3).tolist() == [0, 1, 2, 0, 0, 1]

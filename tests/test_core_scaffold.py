@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from grpo_plugins import scaffold
+from grpo_plugins.api import PLUGIN_API
 from grpo_plugins.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_scaffold_installs_is_listed_and_passes_conformance(tmp_path):
     try:
         listing = subprocess.run([str(BIN / "grpo-plugins"), "list"], capture_output=True, text=True, check=True).stdout
         line = next(line for line in listing.splitlines() if line.startswith(name))
-        assert "grpo-plugin-scaffold-probe" in line and "API >=1.1,<2" in line and "compute_advantages" in line
+        assert "grpo-plugin-scaffold-probe" in line and f"API >={PLUGIN_API},<2" in line and "compute_advantages" in line
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(folder / "tests")],
                                cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert tests.returncode == 0, tests.stdout + tests.stderr

@@ -39,3 +39,9 @@ def test_learning_benchmark_writes_results(tmp_path):
     summary = json.loads((tmp_path / "learning.json").read_text())["summary"]
     assert 0.0 <= summary["ngrpo"]["zero_signal_group_fraction"] <= 1.0
     assert (tmp_path / "learning.md").read_text().count("| ngrpo |") == 1
+
+
+def test_multi_turn_example_trains_grpo_and_gigpo():
+    out = run("examples/multi_turn/train_trl.py", "--steps", "2")
+    lines = [line for line in out.splitlines() if "success rate" in line]
+    assert [line.split()[0] for line in lines] == ["GRPO", "GiGPO"]

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_plugins import UNIT, ParallelContext, Example, GRPOBatch, Method, Needs, Range, hookimpl, option
-from grpo_plugins.ops import masked_mean, segment_count
+from grpo_plugins.ops import group_ranks, masked_mean, segment_count
 
 # --------------------------------------------------------------------------------------------- maths
 
@@ -56,13 +56,7 @@ def max_variance_subset(advantages: torch.Tensor, index: torch.Tensor, num_group
     if bool((keep_count == sizes).all()):
         return torch.ones(n, dtype=torch.bool, device=advantages.device)
     width = int(sizes.max())
-    # rank of each member within its group, ascending by advantage (ties by position)
-    order = torch.argsort(advantages, stable=True)
-    order = order[torch.argsort(index[order], stable=True)]
-    starts = torch.cumsum(sizes, 0) - sizes
-    position = torch.arange(n, device=advantages.device)
-    rank_up = torch.empty_like(index)
-    rank_up[order] = position - starts[index[order]]
+    rank_up = group_ranks(index, num_groups, advantages)  # ascending by advantage (ties by position)
     grid = torch.zeros((num_groups, width), dtype=torch.float64, device=advantages.device)
     grid[index, rank_up] = advantages.double()  # (G, width) each group's advantages in ascending order
     valid = torch.arange(width, device=advantages.device)[None, :] < sizes[:, None]

@@ -26,6 +26,7 @@ import torch
 
 from grpo_plugins import NON_NEGATIVE, POSITIVE, Example, GRPOBatch, LossInputs, Method, Needs, Range, hookimpl, option
 from grpo_plugins.ops import global_masked_mean
+from grpo_plugins.surrogates import dual_clip_loss
 
 BEHAVIOUR_TEMPERATURE = 1.0
 
@@ -55,16 +56,6 @@ def dcpo_advantages(
     base = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
     mixed = (1 - weight) * base + weight * correct.to(rho.dtype).unsqueeze(1) * rho
     return torch.where(mask > 0, mixed, torch.zeros((), dtype=mixed.dtype, device=mixed.device))
-
-
-def dual_clip_loss(
-    ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float
-) -> torch.Tensor:
-    """``(B, T)`` dual-clip PPO loss: ``l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``, and
-    ``min(l, -dual_clip A)`` where ``A < 0`` (Ye et al., 2019; verl's ``vanilla`` policy loss)."""
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    loss = torch.maximum(-advantages * ratio, clipped)
-    return torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
 
 
 # --------------------------------------------------------------------------------------------- config

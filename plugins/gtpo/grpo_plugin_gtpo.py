@@ -23,7 +23,7 @@ import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, LossInputs, Method, hookimpl, option
 from grpo_plugins import Example
-from grpo_plugins.ops import group_normalize, masked_mean, segment_count, segment_sum
+from grpo_plugins.ops import group_normalize, group_ranks, masked_mean, segment_count, segment_sum
 
 _CHUNK_ELEMENTS = 1 << 27  # elements of one comparison temporary (bytes of a bool tensor)
 _BLOCK = 8  # token columns compared in the first pass of the run search
@@ -31,15 +31,7 @@ _BLOCK = 8  # token columns compared in the first pass of the run search
 
 def _dense_slots(index: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
     """``(N,)`` slot of each member within its group (0 .. size-1) and the largest group size."""
-    sizes = segment_count(index, num_groups)
-    starts = torch.cumsum(sizes, 0) - sizes
-    position = torch.arange(index.numel(), device=index.device)
-    if bool((index[1:] >= index[:-1]).all()):  # members already stored group by group: no sort
-        return position - starts[index], int(sizes.max())
-    order = torch.argsort(index, stable=True)
-    slot = torch.empty_like(index)
-    slot[order] = position - starts[index[order]]
-    return slot, int(sizes.max())
+    return group_ranks(index, num_groups), int(segment_count(index, num_groups).max())
 
 
 @dataclass(frozen=True)

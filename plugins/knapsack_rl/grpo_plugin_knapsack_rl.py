@@ -29,7 +29,7 @@ import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
 from grpo_plugins import Example, Needs
-from grpo_plugins.ops import segment_mean
+from grpo_plugins.ops import group_ranks, segment_mean
 from grpo_plugins.budgets import spread_evenly  # noqa: F401  (re-exported: the shared even split)
 from grpo_plugins.prompt_table import PromptTable
 
@@ -219,15 +219,9 @@ def right_aligned(values: torch.Tensor, index: torch.Tensor, num_groups: int) ->
     """Scatter ``values`` ``(N,)`` into ``(G, M)`` rows by group, right-aligned in batch order, NaN-padded."""
     sizes = torch.bincount(index, minlength=num_groups)
     width = int(sizes.max()) if sizes.numel() else 0
-    starts = torch.cumsum(sizes, 0) - sizes
-    if bool((index[1:] >= index[:-1]).all()):  # already grouped in order (the usual layout): no sort
-        sorted_index, sorted_values = index, values
-    else:
-        order = torch.sort(index, stable=True).indices
-        sorted_index, sorted_values = index[order], values[order]
-    rank = torch.arange(index.numel()) - starts[sorted_index]
+    rank = group_ranks(index, num_groups)  # batch order within each group
     out = torch.full((num_groups, width), float("nan"), dtype=torch.float64)
-    out[sorted_index, width - sizes[sorted_index] + rank] = sorted_values.double()
+    out[index, width - sizes[index] + rank] = values.double()
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, LossInputs, Method, Range, hookimpl, option
 from grpo_plugins import Example
 from grpo_plugins.ops import segment_count, segment_max, segment_min, segment_sum
+from grpo_plugins.surrogates import ppo_clip_loss
 
 
 def ngrpo_advantages(
@@ -80,9 +81,7 @@ def asymmetric_clip_loss(
     Returns:
         ``(B, T)`` per-token loss ``max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))``.
     """
-    ratio = torch.exp(log_probs - old_log_probs)
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    return torch.maximum(-advantages * ratio, -advantages * clipped)
+    return ppo_clip_loss(torch.exp(log_probs - old_log_probs), advantages, clip_low, clip_high)
 
 
 def all_at_max(rewards: torch.Tensor, index: torch.Tensor, num_groups: int, max_reward: float) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 
 from grpo_plugins import NON_NEGATIVE, Example, GRPOBatch, LossInputs, Method, Needs, Range, RunContext, hookimpl, option
 from grpo_plugins.ops import constant_groups, segment_mean, segment_sum
+from grpo_plugins.surrogates import ppo_clip_loss
 
 NUMBERING = re.compile(r"^\s*(?:\d+[.)]|[-*])\s*")
 
@@ -170,8 +171,7 @@ class RankGRPO(Method):
         cfg = self.config
         items = inputs.row_data["rank_grpo_item"].long()
         ratio = item_ratios(inputs.log_ratio, items, inputs.mask, cfg.num_items)
-        adv = inputs.advantages
-        clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+        outside = (ratio < 1 - cfg.epsilon_low) | (ratio > 1 + cfg.epsilon_high)
         real = inputs.mask > 0
-        self.log_metric("item_clip_frac", ((clipped != ratio) & real).sum() / real.sum().clamp(min=1))
-        return -torch.min(ratio * adv, clipped * adv)
+        self.log_metric("item_clip_frac", (outside & real).sum() / real.sum().clamp(min=1))
+        return ppo_clip_loss(ratio, inputs.advantages, cfg.epsilon_low, cfg.epsilon_high)

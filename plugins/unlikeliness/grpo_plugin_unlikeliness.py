@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import UNIT, GRPOBatch, Method, hookimpl, option
-from grpo_plugins.ops import constant_groups, masked_mean, masked_sum
+from grpo_plugins.ops import constant_groups, group_ranks, masked_mean, masked_sum
 
 
 def sequence_scores(old_log_probs: torch.Tensor, mask: torch.Tensor, reduce: Literal["mean", "sum"] = "mean") -> torch.Tensor:
@@ -44,22 +44,6 @@ def sequence_scores(old_log_probs: torch.Tensor, mask: torch.Tensor, reduce: Lit
     return masked_mean(values, tokens, dim=-1) if reduce == "mean" else masked_sum(values, tokens, dim=-1)
 
 
-def group_ranks(scores: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Ascending rank of each score within its group -> ``(N,)`` int64 in ``[0, G_i)``.
-
-    ``scores``: ``(N,)``; ``index``: ``(N,)`` group ids in ``[0, G)``. Ties are broken by batch
-    position (earlier = lower rank). Two stable sorts order the batch by (group, score, position).
-    """
-    by_score = torch.sort(scores, stable=True).indices
-    order = by_score[torch.sort(index[by_score], stable=True).indices]
-    sizes = torch.bincount(index, minlength=num_groups)
-    starts = torch.cumsum(sizes, 0) - sizes
-    positions = torch.arange(scores.numel(), device=scores.device)
-    ranks = torch.empty_like(positions)
-    ranks[order] = positions - starts[index[order]]
-    return ranks
-
-
 def unlikeliness_rewards(
     rewards: torch.Tensor,
     scores: torch.Tensor,
@@ -78,7 +62,7 @@ def unlikeliness_rewards(
     """
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards contain NaN/inf; the unlikeliness reward needs finite rewards")
-    ranks = group_ranks(scores, index, num_groups).to(rewards.dtype)
+    ranks = group_ranks(index, num_groups, scores).to(rewards.dtype)
     sizes = torch.bincount(index, minlength=num_groups).to(rewards.dtype)
     return rewards * (1.0 - rank_penalty * ranks / sizes[index])
 

@@ -46,7 +46,8 @@ STACKS = {
 """Round 1's compositions (as ``tests/integration`` composes them)."""
 TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 # One model gives both passes on TRL (its log-probs are fixed in the test), so the old policy's token
-# entropies (GRPOBatch.old_entropies) are the entropies the loss sees; verl gets the same.
+# entropies (GRPOBatch.old_entropies) are the entropies the loss sees; verl gets the same. The old policy's
+# log-probs at other temperatures (GRPOBatch.old_log_probs_at) are the example batch's, on both.
 
 
 @pytest.fixture(autouse=True)
@@ -90,6 +91,7 @@ def generation_batch(example: Example, seed: int = 0, num_tokens: int = 6) -> di
         entropies=torch.where(keep, entropies, 0.0),
         ref_log_probs=batch.ref_log_probs, reward_components=batch.reward_components, reward_names=batch.reward_names,
         prompts=batch.prompts, completions=batch.completions, rows=batch.rows,
+        old_log_probs_at=batch.old_log_probs_at or None,  # the old policy's passes at other temperatures
     )
 
 
@@ -149,4 +151,31 @@ def test_round_one_stacks_are_the_same_on_trl_and_verl(stack):
     assert not missing, f"round-1 method(s) {missing} are not installed"
     trl, verl = assert_same_on_both(methods, Example(), loss_type="grpo")
     assert trl is not None and verl is not None, f"{stack} must run on both trainers"
+    assert verl.grad.abs().sum() > 0
+
+
+LOSS_SIDE = ["rec", "copg", "disco", "reg_grpo", "rank_grpo"]
+"""Methods that replace or extend the policy objective (loss terms with their own normaliser, whole groups)."""
+
+
+@pytest.mark.parametrize("name", LOSS_SIDE)
+def test_loss_side_objectives_agree_on_trl_and_verl(name):
+    """Both adapters run them (neither refuses) with equal loss and gradient on one batch."""
+    assert name in installed_methods(), f"{name} is not installed"
+    subject = Subject.of(name)
+    trl, verl = assert_same_on_both(subject.run_list(), subject.example)
+    assert trl is not None and verl is not None, f"{name} must run on both trainers"
+    assert verl.grad.abs().sum() > 0
+
+
+def test_old_log_probs_at_other_temperatures_agree_on_trl_and_verl():
+    """``dcpo`` reads the old policy's log-probs at 0.8, 1 and 1.2 (``GRPOBatch.old_log_probs_at``): both adapters
+    provide them (neither refuses) and give equal advantages, loss and gradient on one batch."""
+    assert "dcpo" in installed_methods(), "dcpo is not installed"
+    subject = Subject.of("dcpo")
+    trl, verl = assert_same_on_both(subject.run_list(), subject.example)
+    assert trl is not None and verl is not None, "dcpo must run on both trainers"
+    mask = generation_batch(subject.example)["completion_mask"].bool()
+    spread = torch.where(mask, verl.advantages, -torch.inf).amax(1) - torch.where(mask, verl.advantages, torch.inf).amin(1)
+    assert bool((spread > 0).any())  # the second ratio pi_old^tau / pi_old varies along a correct completion
     assert verl.grad.abs().sum() > 0

@@ -12,22 +12,8 @@ pytest.importorskip("trl")
 
 import torch  # noqa: E402
 
-from grpo_plugins import GRPOBatch, Method, hookimpl  # noqa: E402
+from grpo_plugins.testing import BatchRecorder  # noqa: E402
 from grpo_plugins_trl.testing import arithmetic_dataset, digit_overlap_reward, tiny_grpo_run  # noqa: E402
-
-
-class Recorder(Method):
-    """Keeps every batch ``observe`` sees."""
-
-    name = "recorder"
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.batches: list[GRPOBatch] = []
-
-    @hookimpl
-    def observe(self, batch: GRPOBatch, step: int) -> None:
-        self.batches.append(batch)
 
 
 def dataset_with_difficulty_columns():
@@ -53,7 +39,7 @@ def logged(trainer, key: str) -> list[float]:
 
 
 def test_grpo_s_alone_scales_each_prompts_advantages():
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run(["grpo_s", recorder], max_steps=2, dataset=dataset_with_difficulty_columns(),
                             reward_funcs=digit_overlap_reward)
     assert len(recorder.batches) == 2
@@ -79,7 +65,7 @@ def test_missing_column_stops_the_run_at_start_up_naming_method_and_column():
 
 
 def test_grpo_s_composed_with_ngrpo():
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run(["ngrpo", "grpo_s", recorder], max_steps=2, dataset=dataset_with_difficulty_columns(),
                             reward_funcs=digit_overlap_reward)
     assert trainer.composition.providers("compute_advantages") == ["ngrpo"]

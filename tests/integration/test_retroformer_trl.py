@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 
 import torch  # noqa: E402
 
-from grpo_plugins import GRPOBatch, Method, hookimpl  # noqa: E402
+from grpo_plugins.testing import BatchRecorder  # noqa: E402
 from grpo_plugins_trl.testing import arithmetic_dataset, digit_overlap_reward, tiny_grpo_run  # noqa: E402
 
 
@@ -28,26 +28,12 @@ def failed_trials():
     return data.add_column("previous_return", [(i % 5) / 10 for i in range(len(data))])
 
 
-class Recorder(Method):
-    """Keeps every batch ``observe`` sees."""
-
-    name = "recorder"
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.batches: list[GRPOBatch] = []
-
-    @hookimpl
-    def observe(self, batch: GRPOBatch, step: int) -> None:
-        self.batches.append(batch)
-
-
 def logged(trainer, key: str) -> list[float]:
     return [row[key] for row in trainer.state.log_history if key in row]
 
 
 def test_retroformer_alone_rewards_the_return_gain():
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run(["retroformer", recorder], max_steps=2, dataset=failed_trials(), reward_funcs=next_trial_return)
     assert len(recorder.batches) == 2
     for batch in recorder.batches:
@@ -61,7 +47,7 @@ def test_retroformer_alone_rewards_the_return_gain():
 
 
 def test_cross_check_equals_plain_grpo_on_the_next_trial_return():
-    retro, plain = Recorder(), Recorder()
+    retro, plain = BatchRecorder(), BatchRecorder()
     tiny_grpo_run(["retroformer", retro], max_steps=1, dataset=failed_trials(), reward_funcs=next_trial_return)
     tiny_grpo_run([plain], max_steps=1, dataset=failed_trials(), reward_funcs=next_trial_return)
     assert retro.batches[0].completions == plain.batches[0].completions
@@ -76,7 +62,7 @@ def test_missing_previous_return_column_is_refused_at_start_up():
 
 
 def test_retroformer_composed_with_knapsack_rl():
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run(["knapsack_rl", "retroformer", recorder], max_steps=2, dataset=failed_trials(),
                             reward_funcs=next_trial_return)
     assert len(logged(trainer, "plugins/retroformer/frac_improved")) == 2

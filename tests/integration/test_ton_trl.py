@@ -12,7 +12,7 @@ pytest.importorskip("trl")
 
 import torch  # noqa: E402
 
-from grpo_plugins import GRPOBatch, Method, hookimpl  # noqa: E402
+from grpo_plugins.testing import BatchRecorder  # noqa: E402
 from grpo_plugins_trl.testing import exact_answer_reward, tiny_grpo_run  # noqa: E402
 
 # The tiny vocabulary has digits, '+' and '=': a completion "thought = answer" is well formed, and its
@@ -26,26 +26,12 @@ def tiny_format_reward(completions, **kwargs) -> list[float]:
     return [float(c.count("=") == 1 and any(ch.isdigit() for ch in c.split("=")[1])) for c in completions]
 
 
-class Recorder(Method):
-    """Keeps every batch ``observe`` sees."""
-
-    name = "recorder"
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.batches: list[GRPOBatch] = []
-
-    @hookimpl
-    def observe(self, batch: GRPOBatch, step: int) -> None:
-        self.batches.append(batch)
-
-
 def logged(trainer, key: str) -> list[float]:
     return [row[key] for row in trainer.state.log_history if key in row]
 
 
 def test_ton_alone_adds_the_format_reward_and_logs_the_skip_rate():
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run([TON, recorder], max_steps=2)
     assert len(recorder.batches) == 2
     for batch in recorder.batches:
@@ -66,7 +52,7 @@ def test_ton_alone_adds_the_format_reward_and_logs_the_skip_rate():
 def test_cross_check_equals_plain_grpo_on_accuracy_plus_format():
     """Same seed, same first generation: TON's advantages equal plain GRPO's with the format reward as a
     second TRL reward function."""
-    ton_recorder, plain_recorder = Recorder(), Recorder()
+    ton_recorder, plain_recorder = BatchRecorder(), BatchRecorder()
     tiny_grpo_run([TON, ton_recorder], max_steps=1)
     tiny_grpo_run([plain_recorder], max_steps=1, reward_funcs=[exact_answer_reward, tiny_format_reward])
     ton_batch, plain_batch = ton_recorder.batches[0], plain_recorder.batches[0]

@@ -40,10 +40,12 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": 
 
 # ----------------------------------------------------------------------------- the trainer's check
 def composition_defaults(args: Any) -> dict[str, dict[str, Any]]:
-    """The built-in ``grpo`` method's defaults from TRL's settings: TRL's epsilon 1e-4 and ``scale_rewards``."""
+    """The built-in ``grpo`` method's defaults from TRL's settings: TRL's epsilon 1e-4, ``scale_rewards``,
+    ``multi_objective_aggregation`` and arithmetic (``grpo`` alone gives TRL's advantages bit for bit)."""
     from grpo_plugins_trl.trainer import _scale_name
 
-    return {"grpo": {"epsilon": 1e-4, "scale": _scale_name(args.scale_rewards)}}
+    return {"grpo": {"epsilon": 1e-4, "scale": _scale_name(args.scale_rewards), "arithmetic": "trl",
+                     "aggregation": getattr(args, "multi_objective_aggregation", "sum_then_normalize")}}
 
 
 def trainer_problems(args: Any, methods: Any, dataset: Any = None) -> tuple[Composition | None, list[str]]:
@@ -52,6 +54,7 @@ def trainer_problems(args: Any, methods: Any, dataset: Any = None) -> tuple[Comp
     methods these settings and dataset columns do not meet. No problem: ``composition`` is the run's."""
     from grpo_plugins_trl.loss import surrogate_problems
     from grpo_plugins_trl.objectives import objective_problems
+    from grpo_plugins_trl.refill import refill_problems
     from grpo_plugins_trl.prefix import shared_prefix_problems
     from grpo_plugins_trl.trainer import trl_capabilities
 
@@ -61,6 +64,10 @@ def trainer_problems(args: Any, methods: Any, dataset: Any = None) -> tuple[Comp
     if composition is not None:
         problems = problems + composition.capability_problems(trl_capabilities(args, dataset))
         problems = problems + surrogate_problems(args, composition) + objective_problems(args, composition)
+        problems = problems + refill_problems(args, composition, dataset)
+        from grpo_plugins_trl.injection import injection_problems
+
+        problems = problems + injection_problems(args, composition, dataset)
     return composition, problems
 
 

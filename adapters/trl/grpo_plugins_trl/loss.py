@@ -20,6 +20,7 @@ import torch
 from trl.trainer.utils import nanmax, nanmin
 
 from grpo_plugins import LossInputs
+from grpo_plugins.aggregation import aggregate_policy_loss
 from grpo_plugins.surrogates import cispo_loss, ppo_clip_loss, sapo_loss
 
 if TYPE_CHECKING:
@@ -48,27 +49,26 @@ def trl_surrogate(trainer: "PluginGRPOTrainer", advantages: torch.Tensor, ratio:
     return lambda inputs: ppo_clip_loss(ratio, advantages, trainer.epsilon_low, trainer.epsilon_high, args.delta)
 
 
+AGGREGATION = {"grpo": "sequence_mean", "sapo": "sequence_mean", "bnpo": "token_mean", "dr_grpo": "max_length",
+               "luspo": "sequence_sum", "dapo": "global_tokens", "cispo": "global_tokens", "vespo": "global_tokens"}
+"""TRL's ``loss_type`` -> the rule of :func:`grpo_plugins.aggregation.aggregate_policy_loss` it uses."""
+
+
 def aggregate(trainer: "PluginGRPOTrainer", per_token: torch.Tensor, mask: torch.Tensor, inputs: dict, mode: str):
     """TRL's reduction of a per-token loss: ``(value, divisor)``, the loss the optimiser sees being
     ``value / divisor`` (scaled for gradient accumulation, as TRL's ``loss_is_scaled_for_ga`` requires)
     and ``value`` what TRL logs as ``policy_loss``."""
+    if trainer.loss_type not in AGGREGATION:
+        raise ValueError(f"loss_type '{trainer.loss_type}' is unknown to the adapter's loss")
+    rule = AGGREGATION[trainer.loss_type]
     accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
-    loss_type = trainer.loss_type
-    if loss_type in ("grpo", "sapo"):  # the mean over rows of each row's token mean
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean(), accumulation
-    if loss_type == "bnpo":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0), accumulation
-    if loss_type == "dr_grpo":
-        return (per_token * mask).sum() / (per_token.size(0) * trainer.max_completion_length), accumulation
-    if loss_type == "luspo":
-        return (per_token * mask).sum(-1).mean(), accumulation
-    if loss_type not in ("dapo", "cispo", "vespo"):
-        raise ValueError(f"loss_type '{loss_type}' is unknown to the adapter's loss")
-    # dapo, cispo, vespo: over the generation batch's tokens, rescaled to one accumulation window
+    if rule != "global_tokens":
+        return aggregate_policy_loss(per_token, mask, rule, max_length=trainer.max_completion_length), accumulation
+    # over the generation batch's tokens, rescaled to one accumulation window
     normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
     if mode == "train":
         normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
-    return (per_token * mask).sum() / normalizer, 1.0
+    return aggregate_policy_loss(per_token, mask, rule, num_tokens=normalizer), 1.0
 
 
 def per_token_losses(trainer: "PluginGRPOTrainer", model: Any, inputs: dict):

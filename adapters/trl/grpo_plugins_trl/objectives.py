@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from grpo_plugins import LossTerm, LossTotals, ParallelContext, RunContext, TrainerCapabilities
+from grpo_plugins import LossTotals, ParallelContext, RunContext, TrainerCapabilities
+from grpo_plugins.objectives import reduce_objectives, whole_group_methods
 
 if TYPE_CHECKING:
     from grpo_plugins import Composition, GRPOBatch
@@ -50,11 +51,6 @@ def with_objectives(caps: TrainerCapabilities, args: Any) -> TrainerCapabilities
                             f"{args.per_device_train_batch_size} is not a multiple of num_generations="
                             f"{args.num_generations} (a micro-batch must hold whole groups)")
     return caps
-
-
-def whole_group_methods(composition: "Composition") -> list[str]:
-    """Methods whose loss hooks need every group in one micro-batch."""
-    return sorted(set(composition.needers("features", "whole_groups")) | set(composition.needers("loss_fields", "group_index")))
 
 
 def objective_problems(args: Any, composition: "Composition") -> list[str]:
@@ -191,11 +187,8 @@ def objective_loss(trainer: "PluginGRPOTrainer", parts: "LossParts", mask: torch
     size = inputs.get(GROUP_SIZE_KEY)
     size = torch.full((mask.shape[0],), trainer.num_generations, device=mask.device) if size is None else size
     micro_batches = world * (trainer.current_gradient_accumulation_steps if mode == "train" else 1)
-    total = 0.0
-    for name in sorted(parts.objectives):  # same order on every rank
-        term: LossTerm = parts.objectives[name]
-        value = term.reduce(mask, totals, size) * world
-        total = total + value
+    total, shares = reduce_objectives(parts.objectives, mask, totals, size, scale=world)
+    for name, value in shares.items():
         method, key = name.split("/", 1)
         logged = acc.gather(value.detach().reshape(1)).mean() * micro_batches / world
         trainer._metrics[mode][f"plugins/{method}/{key}"].append(logged.item())

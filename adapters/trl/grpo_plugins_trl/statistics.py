@@ -45,11 +45,7 @@ def with_statistics(caps: TrainerCapabilities, args: Any) -> TrainerCapabilities
 def requested(composition: "Composition") -> tuple[bool, tuple[float, ...]]:
     """Whether a method reads ``old_entropies``, and the temperatures of ``old_log_probs_at`` the methods
     read (sorted; empty when none reads the field)."""
-    entropies = bool(composition.requirers("old_entropies"))
-    temperatures: set[float] = set()
-    for name in composition.requirers("old_log_probs_at"):
-        temperatures |= set(composition.needs()[name].temperatures)
-    return entropies, tuple(sorted(temperatures))
+    return bool(composition.requirers("old_entropies")), composition.temperatures()
 
 
 def trl_runs_old_pass(trainer: "PluginGRPOTrainer") -> bool:

@@ -172,6 +172,7 @@ def tiny_grpo_run(
     resume_from_checkpoint: str | bool | None = None,
     train: bool = True,
     model_config: dict | None = None,
+    rollout_func: Callable | None = None,
     **grpo_config_overrides: Any,
 ):
     """Train the tiny model for ``max_steps`` optimiser steps on CPU in fp32 and return the trainer.
@@ -189,6 +190,7 @@ def tiny_grpo_run(
         train: False returns the trainer without training.
         model_config: keyword arguments of :func:`tiny_model` (``hidden_size``, ``num_layers``,
             ``architecture``, ...); the defaults give the 2-layer, hidden-32 Qwen2 model.
+        rollout_func: TRL's ``rollout_func`` (e.g. a multi-turn environment's), passed to the trainer.
         **grpo_config_overrides: any ``GRPOConfig`` field (``loss_type``, ``beta``, ``num_iterations``, ...).
             ``beta > 0`` saves the model to a temporary folder and passes its path, because TRL builds
             the reference model from the policy's path.
@@ -231,6 +233,8 @@ def tiny_grpo_run(
     )
     if plugin_trainer:
         kwargs["plugins"] = plugins
+    if rollout_func is not None:
+        kwargs["rollout_func"] = rollout_func
     trainer = trainer_cls(**kwargs)
     if train:
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -272,6 +276,7 @@ def trl_loss_on_batch(
     prompts: list | None = None,
     completions: list | None = None,
     rows: list[dict] | None = None,
+    old_log_probs_at: dict[float, torch.Tensor] | None = None,
     **grpo_config_overrides: Any,
 ) -> LossOnBatch:
     """One fixed generation batch through the TRL adapter's advantage stage and TRL's loss path, on one
@@ -292,13 +297,20 @@ def trl_loss_on_batch(
             ``rewards`` must be their sum); None: one reward function scoring ``rewards``.
         prompts, completions, rows: ``N`` prompts, completion texts and dataset rows the methods see
             (default: empty texts and rows).
+        old_log_probs_at: ``{temperature: (N, T)}`` the old policy's log-probs at other temperatures
+            (``GRPOBatch.old_log_probs_at``) in place of the temperature pass's, with ``entropies`` as its
+            entropies; None: the tiny model's own pass.
         **grpo_config_overrides: ``GRPOConfig`` fields (``loss_type``, ``beta``, ``epsilon``,
             ``importance_sampling_level``, ``entropy_coef``, ...). One gradient-accumulation step, one
             micro-batch.
     """
+    from contextlib import nullcontext
     from unittest import mock
 
+    from trl.trainer.utils import nanstd
+
     from grpo_plugins_trl.loss import per_token_losses
+    from grpo_plugins_trl.turns import row_fields
 
     n, t = completion_ids.shape
     size = int((prompt_ids == prompt_ids[0]).sum())
@@ -306,6 +318,8 @@ def trl_loss_on_batch(
     settings = dict(per_device_train_batch_size=n, num_generations=generations, gradient_accumulation_steps=1,
                     steps_per_generation=1, max_completion_length=t)
     trainer = tiny_grpo_run(plugins, train=False, **{**settings, **grpo_config_overrides})
+    if trainer.optimizer is None:  # what a method previewing the optimiser's update reads
+        trainer.create_optimizer()
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     mask = completion_mask.long()
@@ -315,7 +329,7 @@ def trl_loss_on_batch(
         "prompt_mask": torch.ones((n, 1), dtype=torch.long),
         "completion_ids": completion_ids.long(),
         "completion_mask": mask,
-        "advantages": ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1),
+        "advantages": ((grouped - torch.nanmean(grouped, 1, keepdim=True)) / (nanstd(grouped, 1, keepdim=True) + 1e-4)).view(-1),
         "num_items_in_batch": mask.sum(),
     }
     if old_log_probs is not None:
@@ -337,8 +351,15 @@ def trl_loss_on_batch(
         "rewards_per_func": rewards.float()[:, None] if reward_components is None else reward_components.float(),
         "prompt_ids": ids, "prompts": prompts or [""] * n, "completions": completions or [""] * n,
         "rows": rows or [{} for _ in range(n)],
+        "step_fields": row_fields([{} for _ in range(n)]),  # single-turn rows: one step each, no step rewards or keys
     }
-    with mock.patch.object(trainer, "_get_per_token_logps_and_entropies", fixed_log_probs):
+
+    def fixed_temperature_pass(trainer, out, temperatures, want_entropy):
+        return {tau: old_log_probs_at[tau] for tau in temperatures}, entropies if want_entropy else None
+
+    fixed_pass = old_log_probs_at is not None
+    with mock.patch.object(trainer, "_get_per_token_logps_and_entropies", fixed_log_probs), \
+            mock.patch("grpo_plugins_trl.statistics.temperature_pass", fixed_temperature_pass) if fixed_pass else nullcontext():
         if not trainer._plugin_passthrough:
             trainer._run_advantage_stage(out, n)
         loss = trainer.compute_loss(trainer.model, out)

@@ -28,9 +28,7 @@ from grpo_plugins import GRPOBatch, Method, ParallelContext, PromptRound
 from grpo_plugins.errors import CompositionError
 from grpo_plugins.needs import TrainerCapabilities
 from grpo_plugins.surrogates import weight_token_advantages
-from grpo_plugins_trl.checks import checked_composition
-from grpo_plugins_trl import objectives
-from grpo_plugins_trl import statistics, update_control
+from grpo_plugins_trl import checks, injection, objectives, probe, refill, statistics, turns, update_control
 from grpo_plugins_trl.prefix import install_grouped_attention, refuse_shared_prefix
 
 logger = logging.getLogger("grpo_plugins_trl")
@@ -82,15 +80,40 @@ class PluginGRPOConfig(GRPOConfig):
             "attention (grpo_plugins_trl.prefix)."
         },
     )
+    filter_groups: bool = field(
+        default=False,
+        metadata={
+            "help": "Dynamic sampling (DAPO; verl's algorithm.filter_groups.enable): drop every group whose completions "
+            "all have the same filter_groups_metric and refill the batch with new prompts inside the step "
+            "(grpo_plugins_trl.refill)."
+        },
+    )
+    filter_groups_metric: str = field(
+        default="reward",
+        metadata={"help": "What dynamic sampling compares within a group: 'reward' (the weighted reward) or the "
+                  "name of one reward function (verl's algorithm.filter_groups.metric)."},
+    )
+    max_num_gen_batches: int = field(
+        default=10,
+        metadata={"help": "The most generation rounds per generation batch when groups are dropped (filter_groups or "
+                  "a keep_rows method), the first included; 0: no limit (verl's algorithm.filter_groups."
+                  "max_num_gen_batches)."},
+    )
+    on_refill_exhausted: str = field(
+        default="error",
+        metadata={"help": "A batch still short after max_num_gen_batches rounds: 'error' stops the run (verl's DAPO); "
+                  "'keep_dropped' completes it with dropped groups and trains."},
+    )
 
     def get_process_log_level(self) -> int:
         # transformers.Trainer.__init__ calls this on its args: the one moment a trainer takes the config.
-        if (self.grpo_plugins or self.shared_prefix) and not getattr(self, "_taken_by_plugin_trainer", False):
-            what = f"grpo_plugins={self.grpo_plugins!r}" if self.grpo_plugins else "shared_prefix=True"
+        if (self.grpo_plugins or self.shared_prefix or self.filter_groups) and not getattr(self, "_taken_by_plugin_trainer", False):
+            what = (f"grpo_plugins={self.grpo_plugins!r}" if self.grpo_plugins
+                    else "shared_prefix=True" if self.shared_prefix else "filter_groups=True")
             raise ValueError(
                 f"this PluginGRPOConfig enables {what}, which only grpo_plugins_trl.PluginGRPOTrainer runs; "
-                "this trainer would train without it. Use PluginGRPOTrainer, or set grpo_plugins=None and "
-                "shared_prefix=False"
+                "this trainer would train without it. Use PluginGRPOTrainer, or set grpo_plugins=None, "
+                "shared_prefix=False and filter_groups=False"
             )
         return super().get_process_log_level()
 
@@ -151,7 +174,7 @@ class PluginGRPOTrainer(GRPOTrainer):
         # Built and checked before TRL loads models, so a bad run fails at once, every problem in one
         # error; `grpo-plugins check` runs this same check on a run config.
         dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
-        self.composition = checked_composition(config, methods, dataset)
+        self.composition = checks.checked_composition(config, methods, dataset)
         shared_prefix = getattr(config, "shared_prefix", False)
         config._taken_by_plugin_trainer = True  # see PluginGRPOConfig.get_process_log_level
         try:
@@ -169,16 +192,19 @@ class PluginGRPOTrainer(GRPOTrainer):
         self._plugin_local_ids: list[int] = []
         self._plugin_skipped = False  # the current generation batch has no token to learn from
         # Nothing but the built-in ``grpo`` at TRL's own settings: GRPOTrainer's code path runs unchanged.
-        self._plugin_passthrough = not c.user_methods and self._grpo_is_trls()
+        self._plugin_passthrough = not c.user_methods and self._grpo_is_trls() and not refill.enabled(self.args, c)
+        self._plugin_real_rows: int | None = None  # global rows before injection's filler rows (injection.py)
         if not self._plugin_passthrough:
             self.add_callback(_ObserveCallback(self))
         objectives.start(self)  # reference model at beta=0 if a method needs it; the setup hooks
         self._plugin_update_control = update_control.UpdateControl.install(self)  # scale_update, gradient statistics
+        probe.check_model(self)  # the old-policy probe rebuilds logits as head(decoder(x))
+        self.plugin_refill = refill.Refill.install(self)  # filter_groups, keep_rows: drop and refill groups
+        self.plugin_injection = injection.Injection.install(self)  # inject_rows: rows appended after scoring
 
     def _grpo_is_trls(self) -> bool:
-        """Whether the built-in ``grpo`` method is configured as TRL's own estimator (scale and epsilon)."""
-        config = self.composition.method("grpo").config
-        return config.scale == _scale_name(self.args.scale_rewards) and config.epsilon == 1e-4
+        """Whether the built-in ``grpo`` method is configured as TRL's own estimator."""
+        return vars(self.composition.method("grpo").config) == checks.composition_defaults(self.args)["grpo"]
 
     @property
     def plans_rounds(self) -> bool:
@@ -283,12 +309,28 @@ class PluginGRPOTrainer(GRPOTrainer):
                 "completions": gather_object(list(completions)),
                 "rows": gather_object(self._plugin_dataset_rows or [dict(x) for x in inputs]),
             }
+            if turns.wanted(self.composition):  # the rollout's per-step fields, with their rows
+                self._plugin_gathered["step_fields"] = gather_object(turns.row_fields(inputs))
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
         if not self.model.training or self._plugin_passthrough:
             return super()._generate_and_score_completions(inputs)
+        out = self._plugin_generate_round(inputs)
+        if self.plugin_refill is not None:  # drop groups and refill them with new prompts (refill.py)
+            out = self.plugin_refill.fill(out, len(inputs))
+        if self.plugin_injection is not None:  # rows from outside the rollout (injection.py)
+            out = self.plugin_injection.inject(out)
+        if self._plugin_reference:
+            objectives.add_reference_log_probs(self, out)
+        self._run_advantage_stage(out, out["completion_ids"].shape[0])
+        return out
+
+    def _plugin_generate_round(self, inputs: list[dict]) -> dict:
+        """One generation round of TRL's (``augment_prompts`` first), scored; ``_plugin_gathered`` holds its
+        global rewards, prompt ids, texts and rows."""
         self._plugin_gathered = {}
+        self._plugin_real_rows = None
         self._plugin_local_ids = self._local_prompt_ids(inputs)  # from the dataset rows, before any rewrite
         if inputs and INDEX_KEY in inputs[0]:
             inputs = [{k: v for k, v in x.items() if k != INDEX_KEY} for x in inputs]
@@ -297,18 +339,15 @@ class PluginGRPOTrainer(GRPOTrainer):
             self._plugin_dataset_rows = [dict(x) for x in inputs]
             inputs = self._augment(inputs)
         with statistics.capture_old_pass(self):  # old entropies from TRL's own old pass, when it runs one
-            out = super()._generate_and_score_completions(inputs)
-        if self._plugin_reference:
-            objectives.add_reference_log_probs(self, out)
-        self._run_advantage_stage(out, len(inputs))
-        return out
+            return super()._generate_and_score_completions(inputs)
 
     def _gather_rows(self, tensor: torch.Tensor | None, pad_value: float = 0) -> torch.Tensor | None:
         """``(n, T_local)`` on every rank -> ``(N, T_global)``, padded on the right."""
         if tensor is None:
             return None
         padded = self.accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_value)
-        return self.accelerator.gather(padded)
+        rows = getattr(self, "_plugin_real_rows", None)  # injection's filler rows are in no GRPOBatch
+        return self.accelerator.gather(padded) if rows is None else self.accelerator.gather(padded)[:rows]
 
     def _run_advantage_stage(self, out: dict, n: int) -> None:
         acc, c = self.accelerator, self.composition
@@ -322,36 +361,21 @@ class PluginGRPOTrainer(GRPOTrainer):
             self._metrics["train"][SKIPPED_METRIC].append(1.0)
             return
         gathered = self._plugin_gathered
-        rewards_per_func = gathered["rewards_per_func"]
-        weights = self.reward_weights.to(rewards_per_func.device)
-        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: the core reports it
-        batch = GRPOBatch(
-            prompt_ids=torch.tensor(gathered["prompt_ids"], dtype=torch.long, device=rewards.device),
-            rewards=rewards,
-            reward_components=rewards_per_func,
-            reward_names=tuple(self.reward_func_names),
-            reward_weights=weights,
-            completion_ids=self._gather_rows(out["completion_ids"], self._tokenizer.pad_token_id),
-            completion_mask=global_mask,
+        batch = self._scored_batch(
+            out, global_mask,
             old_log_probs=self._gather_rows(self._behaviour_log_probs(out)),
             ref_log_probs=self._gather_rows(out.get("ref_per_token_logps")),
-            prompts=gathered["prompts"],
-            completions=gathered["completions"],
-            rows=gathered["rows"],
-            step=self.state.global_step,
-            total_steps=self.total_steps(),
-            parallel=ParallelContext(rank=acc.process_index, world_size=acc.num_processes, gathered=True),
             **statistics.batch_fields(self, out),  # old_entropies, old_log_probs_at when a method reads them
+            **probe.batch_fields(self, out, torch.tensor(gathered["prompt_ids"])),  # probes, update_preview
         )
-        trl_advantages = acc.gather(out["advantages"])  # TRL's own (N,), identical on every rank
+        if injection.REWARD_OVERRIDE in gathered:  # injected rows with a given reward
+            given = gathered[injection.REWARD_OVERRIDE]
+            batch.rewards = torch.where(torch.isnan(given), batch.rewards, given.to(batch.rewards))
+        if turns.wanted(c):  # multi-turn step records
+            batch.steps = turns.batch_steps(global_mask, batch.prompt_ids, gathered["step_fields"])
+        if injection.INJECTED_KEY in gathered:  # each row's kind: 0 generated, else the injected row's kind code
+            batch.row_data[injection.INJECTED_KEY] = gathered[injection.INJECTED_KEY]
         c.run_advantage_stage(batch)
-        keeps_trl = self._keeps_trl_advantages(batch)
-        if keeps_trl:
-            # The built-in ``grpo`` estimator alone, on TRL's own groups: TRL already computed the same
-            # quantity, (r - group mean) / (std + 1e-4). Its float rounding differs from the core's
-            # segment statistics in the last bits, so keep TRL's tensor: the numbers stay TRL's, bit for bit.
-            batch.advantages = trl_advantages
         local = slice(acc.process_index * n, (acc.process_index + 1) * n)
         width = out["completion_ids"].shape[1]
         advantages = batch.advantages[local]
@@ -369,13 +393,41 @@ class PluginGRPOTrainer(GRPOTrainer):
             if value.dim() >= 2 and value.shape[1] == batch.completion_mask.shape[1]:
                 value = value[:, :width]  # token-aligned data follows this rank's padding
             out[ROW_DATA_PREFIX + key] = value
-        if not keeps_trl:
-            self._log_final_advantages(batch)
+        self._log_final_advantages(batch)
         self._pop_plugin_metrics("train")
         if c.implements("loss_objectives"):
             objectives.attach(self, out, batch, local)
+        if self._plugin_real_rows is not None:  # this rank's filler rows (injection.py): zero advantage and data
+            injection.pad_local_rows(out, n)
         self._plugin_pending.append(batch)
         self.last_plugin_batch = batch
+
+    def _scored_batch(self, out: dict, global_mask: torch.Tensor, **fields: Any) -> GRPOBatch:
+        """The global ``GRPOBatch`` of a scored round: TRL's local output ``out``, the gathered ``(N, T)``
+        loss mask and ``_plugin_gathered`` (rewards, prompt ids, texts, rows), plus ``fields``. Rewards
+        are TRL's weighted ``nansum`` of the components; a row no function scored is NaN (the core
+        names it)."""
+        gathered, acc = self._plugin_gathered, self.accelerator
+        rewards_per_func = gathered["rewards_per_func"]
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        return GRPOBatch(
+            prompt_ids=torch.tensor(gathered["prompt_ids"], dtype=torch.long, device=rewards.device),
+            rewards=rewards,
+            reward_components=rewards_per_func,
+            reward_names=tuple(self.reward_func_names),
+            reward_weights=weights,
+            completion_ids=self._gather_rows(out["completion_ids"], self._tokenizer.pad_token_id),
+            completion_mask=global_mask,
+            prompts=gathered["prompts"],
+            completions=gathered["completions"],
+            rows=gathered["rows"],
+            step=self.state.global_step,
+            total_steps=self.total_steps(),
+            parallel=ParallelContext(rank=acc.process_index, world_size=acc.num_processes, gathered=True),
+            **fields,
+        )
 
     def _behaviour_log_probs(self, out: dict) -> torch.Tensor | None:
         """``(n, T)`` old log-probs of this rank's rows: TRL's, or, when TRL skipped them (fully on-policy)
@@ -396,20 +448,6 @@ class PluginGRPOTrainer(GRPOTrainer):
                 batch_size=self.args.per_device_train_batch_size, **forward_kwargs,
             )
         return old
-
-    def _keeps_trl_advantages(self, batch: GRPOBatch) -> bool:
-        c = self.composition
-        if c.implements("shape_rewards") or c.implements("adjust_advantages"):
-            return False
-        if c.providers("compute_advantages") != ["grpo"] or not c.enabled[c.names.index("grpo")].builtin:
-            return False
-        if not self._grpo_is_trls():  # configured otherwise than TRL: the core's estimator decides
-            return False
-        if self.multi_objective_aggregation != "sum_then_normalize":
-            return True  # checked at start-up: nothing else touches the advantage stage
-        groups = batch.prompt_ids.view(-1, self.num_generations)
-        same_within = bool((groups == groups[:, :1]).all())
-        return same_within and int(torch.unique(groups[:, 0]).numel()) == groups.shape[0]
 
     def _log_final_advantages(self, batch: GRPOBatch) -> None:
         """Replace TRL's logged advantages (completions table) by the ones the loss uses."""
@@ -540,5 +578,7 @@ def trl_capabilities(args: GRPOConfig, dataset: Any = None) -> TrainerCapabiliti
         caps = caps.without("prompt_selection", "variable_budgets", because="an IterableDataset train dataset "
                             "(the adapter's sampler needs a map-style dataset)")
     caps = statistics.with_statistics(objectives.with_objectives(caps, args), args)
-    return update_control.with_update_control(caps, args)
+    caps = turns.with_steps(refill.with_batch_editing(caps, args, dataset))
+    caps = injection.with_row_injection(caps, args, dataset)
+    return probe.with_probe(update_control.with_update_control(caps, args), args)
 

@@ -75,3 +75,18 @@ def test_adapter_loss_path_equals_trl_with_trl_extras():
     """Clip-higher, two-sided clipping (delta) and the top-entropy token mask go through the adapter's loss too."""
     extras = dict(loss_type="dapo", epsilon_high=0.28, delta=1.5, top_entropy_quantile=0.5)
     assert_identical(run(None, trainer_cls=GRPOTrainer, **extras), run([UnitGate()], **extras))
+
+
+def length_reward(completions, **kwargs):
+    """A second reward function, for multi_objective_aggregation."""
+    return [len(c if isinstance(c, str) else c[0]["content"]) / 8.0 for c in completions]
+
+
+@pytest.mark.parametrize("settings", [
+    dict(scale_rewards="batch"), dict(scale_rewards="none"),
+    dict(multi_objective_aggregation="normalize_then_sum", reward_funcs=[digit_overlap_reward, length_reward]),
+], ids=["scale_batch", "scale_none", "normalize_then_sum"])
+def test_core_estimator_gives_trls_advantages(settings):
+    """With a method enabled the core's ``grpo`` estimates (in TRL's arithmetic): the training is TRL's, bit for bit."""
+    settings = dict(loss_type="dapo", **settings)
+    assert_identical(run(None, trainer_cls=GRPOTrainer, **settings), run([UnitGate()], **settings))

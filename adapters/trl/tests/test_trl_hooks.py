@@ -9,27 +9,12 @@ import pytest
 import torch
 from trl import GRPOTrainer
 
-from grpo_plugins import CompositionError, GRPOBatch, LossInputs, Method, PluginError, PromptRound, hookimpl
+from grpo_plugins.testing import BatchRecorder
+from grpo_plugins import CompositionError, LossInputs, Method, PluginError, PromptRound, hookimpl
 from grpo_plugins_trl import PluginGRPOTrainer
 from grpo_plugins_trl.testing import (
     GradientRecorder, arithmetic_dataset, digit_overlap_reward, exact_answer_reward, tiny_grpo_run,
 )
-
-
-class Recorder(Method):
-    """Keeps every batch ``observe`` sees, and the step."""
-
-    name = "recorder"
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.batches: list[GRPOBatch] = []
-        self.steps: list[int] = []
-
-    @hookimpl
-    def observe(self, batch: GRPOBatch, step: int) -> None:
-        self.batches.append(batch)
-        self.steps.append(step)
 
 
 def losses(trainer) -> list[float]:
@@ -49,7 +34,7 @@ def test_prompt_ids_without_a_prompt_id_column_hash_the_prompt_text():
     from grpo_plugins_trl.testing import arithmetic_dataset
     from grpo_plugins_trl.trainer import stable_prompt_id
 
-    recorder = Recorder()
+    recorder = BatchRecorder()
     dataset = arithmetic_dataset(32).remove_columns("prompt_id")
     tiny_grpo_run([recorder], max_steps=1, dataset=dataset)
     batch = recorder.batches[0]
@@ -75,7 +60,7 @@ class EvenPrompts(Method):
 def test_sample_prompts_drives_the_sampler():
     runs = []
     for _ in range(2):
-        sampler, recorder = EvenPrompts(), Recorder()
+        sampler, recorder = EvenPrompts(), BatchRecorder()
         trainer = tiny_grpo_run([sampler, recorder], max_steps=3)
         runs.append((sampler, recorder, trainer))
     (sampler, recorder, trainer), (_, _, again) = runs
@@ -100,8 +85,8 @@ class UnevenBudget(Method):
 
 
 def test_allocate_rollouts_variable_groups_use_true_groups():
-    recorder = Recorder()
-    trainer = tiny_grpo_run(
+    recorder = BatchRecorder()
+    tiny_grpo_run(
         [UnevenBudget(), recorder], max_steps=2, per_device_train_batch_size=8, reward_funcs=digit_overlap_reward
     )
     for batch in recorder.batches:
@@ -112,8 +97,6 @@ def test_allocate_rollouts_variable_groups_use_true_groups():
         assert ids == [firsts[0]] * 2 + [firsts[1]] * 6 + [firsts[2]] * 4 + [firsts[3]] * 4  # grouped by prompt
         expected = hand_group_normalize(ids, batch.rewards.tolist())
         assert batch.advantages.tolist() == pytest.approx(expected, abs=1e-5)
-    # the trainer's loss saw the true-group advantages (rows of this rank; single process)
-    assert not trainer._keeps_trl_advantages(recorder.batches[-1])
 
 
 def test_allocate_rollouts_rejects_vllm_server_mode():
@@ -139,7 +122,7 @@ def test_augment_prompts_rewrites_before_generation():
         seen.extend(prompts)
         return [0.0] * len(completions)
 
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run([Rewrite(), recorder], max_steps=1, reward_funcs=reward)
     batch = recorder.batches[0]
     assert all(p.endswith(" = 0 +") for p in seen) and len(seen) == 8
@@ -160,7 +143,7 @@ class RankReward(Method):
 
 
 def test_shape_rewards_reach_the_advantages_and_loss():
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run([RankReward(), recorder], max_steps=2, reward_funcs=exact_answer_reward)
     plain = tiny_grpo_run(None, max_steps=2, trainer_cls=GRPOTrainer, reward_funcs=exact_answer_reward)
     batch = recorder.batches[0]
@@ -353,7 +336,7 @@ class Metric(Method):
 
 @pytest.mark.parametrize("num_iterations,expected", [(1, [1, 2, 3]), (2, [2])])
 def test_observe_after_the_step_that_consumed_the_batch(num_iterations, expected):
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run([recorder, Metric()], max_steps=3, num_iterations=num_iterations)
     assert recorder.steps == expected
     assert all(b.advantages is not None and b.rewards.shape == (8,) for b in recorder.batches)
@@ -436,7 +419,7 @@ def test_trl_parser_reads_grpo_plugins_from_yaml(tmp_path):
 
 
 def test_batch_carries_old_and_reference_log_probs():
-    recorder = Recorder()
+    recorder = BatchRecorder()
     tiny_grpo_run([recorder], max_steps=2, beta=0.05, num_iterations=2)
     batch = recorder.batches[0]
     mask = batch.token_mask

@@ -8,27 +8,10 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, GRPOBatch, Method, PromptRound, hookimpl
+from grpo_plugins.testing import BatchRecorder
+from grpo_plugins import Composition, CompositionError, Method, PromptRound, hookimpl
 from grpo_plugins_trl.testing import arithmetic_dataset, digit_overlap_reward, tiny_grpo_run
 from grpo_plugins_trl.trainer import INDEX_KEY, stable_prompt_id
-
-
-class Recorder(Method):
-    """Keeps every batch ``observe`` sees; optionally requires batch fields."""
-
-    name = "recorder"
-
-    def __init__(self, needs=()):
-        super().__init__()
-        self.fields = set(needs)
-        self.batches: list[GRPOBatch] = []
-
-    def requires(self) -> set[str]:
-        return self.fields
-
-    @hookimpl
-    def observe(self, batch: GRPOBatch) -> None:
-        self.batches.append(batch)
 
 
 def finite_losses(trainer) -> bool:
@@ -41,11 +24,11 @@ def test_required_old_log_probs_are_computed_like_trls_own():
     """On-policy (num_iterations=1) TRL skips the old log-probs; a method requiring them gets them from the
     adapter. With num_iterations=2 TRL computes them itself: the first generation batch is the same in
     both runs, so the two tensors must agree bit for bit (same forward, temperature and micro-batches)."""
-    ours = tiny_grpo_run([Recorder({"old_log_probs"})], max_steps=1, temperature=0.7).last_plugin_batch
-    theirs = tiny_grpo_run([Recorder()], max_steps=1, num_iterations=2, temperature=0.7).last_plugin_batch
+    ours = tiny_grpo_run([BatchRecorder({"old_log_probs"})], max_steps=1, temperature=0.7).last_plugin_batch
+    theirs = tiny_grpo_run([BatchRecorder()], max_steps=1, num_iterations=2, temperature=0.7).last_plugin_batch
     assert torch.equal(ours.completion_ids, theirs.completion_ids)
     assert theirs.old_log_probs is not None and torch.equal(ours.old_log_probs, theirs.old_log_probs)
-    not_required = tiny_grpo_run([Recorder()], max_steps=1, temperature=0.7).last_plugin_batch
+    not_required = tiny_grpo_run([BatchRecorder()], max_steps=1, temperature=0.7).last_plugin_batch
     assert not_required.old_log_probs is None  # nothing is computed that no method needs
 
 
@@ -73,7 +56,7 @@ class RoundRecorder(Method):
 
 
 def test_total_steps_reach_the_round_and_the_batch():
-    rounds, recorder = RoundRecorder(), Recorder()
+    rounds, recorder = RoundRecorder(), BatchRecorder()
     tiny_grpo_run([rounds, recorder], max_steps=2)
     assert [r.total_steps for r in rounds.rounds] == [2, 2]
     assert [b.total_steps for b in recorder.batches] == [2, 2]
@@ -100,7 +83,7 @@ class Hint(Method):
 
 
 def test_hashed_prompt_ids_come_from_the_dataset_prompt_not_the_rewritten_one():
-    recorder = Recorder()
+    recorder = BatchRecorder()
     dataset = arithmetic_dataset(32).remove_columns("prompt_id")
     tiny_grpo_run([Hint(), recorder], max_steps=1, dataset=dataset)
     batch = recorder.batches[0]
@@ -130,7 +113,7 @@ def test_without_a_prompt_id_column_the_sampled_dataset_index_is_the_prompt_id()
         seen_keys.update(kwargs)
         return digit_overlap_reward(completions, **kwargs)
 
-    recorder = Recorder()
+    recorder = BatchRecorder()
     dataset = arithmetic_dataset(32).remove_columns("prompt_id")
     trainer = tiny_grpo_run([Sampler(), Hint(), recorder], max_steps=2, dataset=dataset, reward_funcs=reward)
     for planned, batch in zip(trainer._plugin_rounds, recorder.batches):
@@ -143,7 +126,7 @@ def test_without_a_prompt_id_column_the_sampled_dataset_index_is_the_prompt_id()
 def test_a_round_of_budget_prompts_gets_one_completion_each_by_default():
     """generation_batch_size 8 with num_generations 4 would be 2 prompts of 4; the sampler asks for 8 prompts,
     and without an allocator the budget splits evenly: 8 groups of one."""
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run([Sampler(8), {"spo": {"use_sampler": False}}, recorder], max_steps=2, reward_funcs=digit_overlap_reward)
     assert all(r.numel() == 8 and torch.unique(r).numel() == 8 for r in trainer._plugin_rounds)
     assert all(b.num_groups == 8 and bool((b.group_sizes == 1).all()) for b in recorder.batches)

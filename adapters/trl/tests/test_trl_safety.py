@@ -10,7 +10,8 @@ import pytest
 import yaml
 from trl import GRPOTrainer
 
-from grpo_plugins import GRPOBatch, LossInputs, Method, hookimpl
+from grpo_plugins.testing import BatchRecorder
+from grpo_plugins import LossInputs, Method, hookimpl
 from grpo_plugins_trl import PluginGRPOConfig, PluginGRPOTrainer
 from grpo_plugins_trl.testing import arithmetic_dataset, exact_answer_reward, tiny_grpo_run, tiny_model, tiny_tokenizer
 
@@ -39,17 +40,6 @@ def test_plain_grpotrainer_refuses_a_config_with_methods(tmp_path):
 
 
 # --------------------------------------------------------------------------- every completion masked
-class Recorder(Method):
-    name = "recorder"
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.batches: list[GRPOBatch] = []
-
-    @hookimpl
-    def observe(self, batch: GRPOBatch, step: int) -> None:
-        self.batches.append(batch)
-
 
 class UnitGate(Method):
     name = "unit_gate"
@@ -71,7 +61,7 @@ def step_losses(trainer):
 def test_a_batch_with_every_completion_masked_is_skipped_like_trl_does(with_loss_hook):
     vanilla = tiny_grpo_run(None, trainer_cls=GRPOTrainer, **ALL_TRUNCATED)
     assert step_losses(vanilla) == [0.0, 0.0]
-    recorder = Recorder()
+    recorder = BatchRecorder()
     trainer = tiny_grpo_run(["ngrpo", recorder] + ([UnitGate()] if with_loss_hook else []), **ALL_TRUNCATED)
     assert step_losses(trainer) == [0.0, 0.0]
     assert [row.get("plugins/skipped_empty_batches") for row in trainer.state.log_history[:2]] == [1.0, 1.0]

@@ -23,9 +23,12 @@ import numpy as np
 import torch
 
 from grpo_plugins import BatchError, CompositionError, GRPOBatch, ParallelContext
+from grpo_plugins.objectives import whole_group_methods
+from grpo_plugins.steps import Steps, last_turn_rows, turn_row_steps
+from grpo_plugins.surrogates import weight_token_advantages
 
 from grpo_plugins_verl.capabilities import check_run
-from grpo_plugins_verl.extras import fit_width
+from grpo_plugins_verl.extras import TURNS, fit_width
 from grpo_plugins_verl.runtime import Runtime, get_runtime
 from grpo_plugins_verl.settings import REFERENCE_HINT
 
@@ -58,6 +61,11 @@ def extra_fields(extras: dict | None, rows: torch.Tensor, response_mask: torch.T
     """``GRPOBatch`` keyword fields from the trainer's per-row ``extras`` (all ``B`` rows), kept to ``rows``."""
     fields: dict[str, Any] = {}
     for name, value in (extras or {}).items():
+        if name == TURNS:
+            continue  # GRPOBatch.steps: see batch_steps
+        if isinstance(value, dict):  # old_log_probs_at: {temperature: (B, T)}
+            fields[name] = {key: extra_fields({name: part}, rows, response_mask)[name] for key, part in value.items()}
+            continue
         if isinstance(value, torch.Tensor) and name != "reward_weights":
             if value.shape[0] != response_mask.shape[0]:
                 raise BatchError(f"the trainer's {name} has {value.shape[0]} rows but verl's batch "
@@ -72,6 +80,31 @@ def extra_fields(extras: dict | None, rows: torch.Tensor, response_mask: torch.T
     return fields
 
 
+def batch_steps(turns: dict[str, Any] | None, rows: torch.Tensor, mask: torch.Tensor, prompt_ids: torch.Tensor) -> Steps | None:
+    """``GRPOBatch.steps`` of the kept ``rows`` ``(N,)``: one step per row (a row is one turn of a trajectory,
+    its whole response), from the trainer's :func:`~grpo_plugins_verl.extras.turn_rows` ``turns`` (all ``B``
+    rows); None without them."""
+    if turns is None:
+        return None
+    kept = {name: None if value is None else value.to(rows.device)[rows] for name, value in turns.items()}
+    return turn_row_steps(mask.gt(0).sum(dim=1), kept["trajectory"], kept["turn"], prompt_ids,
+                          reward=kept["reward"], key=kept["key"])
+
+
+def session_turns_only(composition: Any, batch: GRPOBatch) -> None:
+    """Refuse per-token or per-row loss data, and group-wise loss objectives, on a batch whose stage saw only
+    each session's last turn: they could not reach (or would misgroup) the session's other turns; such
+    methods need ``GRPOBatch.steps``."""
+    grouped = composition.implements("loss_objectives") or whole_group_methods(composition)
+    if batch.token_weights is not None or batch.row_data or grouped:
+        methods = sorted(set(composition.names) - {"grpo"})
+        raise CompositionError(
+            f"the batch holds multi-turn rows ({{uid}}_{{session}}_{{index}}): without a method that needs "
+            f"GRPOBatch.steps the advantage stage sees each session's last turn only (as verl's GRPO), so the "
+            f"token weights, row data or loss objectives of {methods} cannot reach the other turns"
+        )
+
+
 def check_required(runtime: Runtime, batch: GRPOBatch, uids: np.ndarray) -> None:
     """Fill ``rows`` if a method requires them, and fail clearly if a required field is missing (the
     capability check refuses such runs at start-up; this guards the trainer's fetch)."""
@@ -79,7 +112,7 @@ def check_required(runtime: Runtime, batch: GRPOBatch, uids: np.ndarray) -> None
     required = composition.required_fields()
     if "rows" in required and batch.rows is None and runtime.rows_for is not None:
         batch.rows = runtime.rows_for(runtime.dataset_indices(uids))
-    missing = sorted(name for name in required if getattr(batch, name) is None)
+    missing = sorted(name for name in required if getattr(batch, name) is None or getattr(batch, name) == {})
     if missing:
         how = {"ref_log_probs": REFERENCE_HINT + ", and trainer.v1.trainer_mode=grpo_plugins"}
         raise CompositionError("the verl batch lacks " + "; ".join(
@@ -132,25 +165,40 @@ def compute_grpo_plugins_advantage(
         mask = response_mask[rows]
         if not bool(mask.any()):  # every completion masked (e.g. verl's rollout rejection sampling)
             return skip_batch(runtime, token_level_rewards)
-        uids = index[real.numpy()]
+        turns = (runtime.extras or {}).get(TURNS)
+        wants_steps = "steps" in composition.required_fields()
+        all_rows, sessions = rows, None
+        if turns is not None and not wants_steps and bool((turns["turn"].to(rows.device)[rows] > 0).any()):
+            # turn rows and no method reading steps: as verl's multi-trajectory GRPO, the stage scores each
+            # session's last turn and every turn of the session gets its advantage
+            last, sessions = last_turn_rows(turns["trajectory"].to(rows.device)[rows], turns["turn"].to(rows.device)[rows])
+            rows = rows[last]  # sessions in order of first appearance, as verl stacks them
+            mask = response_mask[rows]
+        uids = index[rows.cpu().numpy()]
+        prompt_ids = runtime.ids_for(uids)
         batch = GRPOBatch(
-            prompt_ids=runtime.ids_for(uids),
+            prompt_ids=prompt_ids,
             rewards=token_level_rewards.sum(dim=-1)[rows],
             completion_mask=mask.to(token_level_rewards.dtype),
             step=runtime.step,
             total_steps=runtime.total_steps,
             parallel=ParallelContext(gathered=True),
+            steps=batch_steps((runtime.extras or {}).get(TURNS), rows, mask, prompt_ids) if wants_steps else None,
             **extra_fields(runtime.extras, rows, response_mask),
         )
         check_required(runtime, batch, uids)
         composition.run_advantage_stage(batch)
         if batch.row_data and composition.has_loss_hooks and not runtime.loss_installed:
             warn_row_data_once(sorted(batch.row_data))
-        advantages = batch.advantages
-        per_token = advantages.unsqueeze(-1) * mask if advantages.dim() == 1 else advantages * mask
-        if batch.token_weights is not None and not runtime.loss_installed:
-            per_token = per_token * batch.token_weights  # exact for verl's clipped loss (w >= 0)
+        # Without the installed loss the mask_tokens weights travel inside the advantages (exact for verl's loss).
+        per_token = weight_token_advantages(batch.advantages, None if runtime.loss_installed else batch.token_weights)
+        per_token = (per_token.unsqueeze(-1) if per_token.dim() == 1 else per_token) * mask
         out = per_token.new_zeros((response_mask.shape[0], response_mask.shape[1]))
-        out[rows] = per_token
+        if sessions is None:
+            out[rows] = per_token
+        else:
+            session_turns_only(composition, batch)
+            first = per_token[torch.arange(len(rows), device=rows.device), mask.argmax(dim=1)]  # verl's rule
+            out[all_rows] = first[sessions].unsqueeze(-1) * response_mask[all_rows]
     runtime.last_batch, runtime.last_rows = batch, rows
     return out, out

@@ -15,27 +15,31 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable
 
-from grpo_plugins import Composition
+from grpo_plugins import Composition, CompositionError
 from grpo_plugins.needs import TrainerCapabilities
 
+from grpo_plugins_verl.injection import injection_blockers, injection_problems
+from grpo_plugins_verl.objectives import FEATURES, planning_problems, whole_group_blockers
 from grpo_plugins_verl.settings import NAME, REFERENCE_HINT
 
 TRAINER = "verl"
-TRAINER_FEATURES = ("prompt_selection", "variable_budgets", "prompt_rewriting", "after_step", "method_state")
-"""Features only the ``grpo_plugins`` trainer provides (round planning, ``observe``, state in checkpoints)."""
+TRAINER_FEATURES = ("prompt_selection", "variable_budgets", "prompt_rewriting", "after_step", "method_state",
+                    "method_setup", "step_generator", "whole_groups", "batch_editing", "row_injection")
+"""Features only the ``grpo_plugins`` trainer provides (round planning, ``observe``, state in checkpoints,
+``setup`` and the run seed, whole groups in micro-batches: :mod:`grpo_plugins_verl.objectives`; ``keep_rows``
+in verl's DAPO filter and refill: :mod:`grpo_plugins_verl.refill`; ``inject_rows``:
+:mod:`grpo_plugins_verl.injection`)."""
 FETCHED_FIELDS = ("completion_ids", "old_log_probs", "ref_log_probs", "reward_components", "reward_weights",
-                  "prompts", "completions", "rows", "total_steps", "old_entropies")
+                  "prompts", "completions", "rows", "total_steps", "old_entropies", "old_log_probs_at", "steps")
 """``GRPOBatch`` fields the trainer fetches for the estimator (verl hands it rewards, mask and uid only)."""
-LOSS_FIELDS = ("row_data", "entropies", "ref_log_probs", "step")
+LOSS_FIELDS = ("row_data", "entropies", "ref_log_probs", "step", "group_index")
 """``LossInputs`` fields only the loss the trainer installs on the actor workers fills."""
 NOT_IMPLEMENTED = {
-    "method_setup": "the verl adapter does not run the setup hook yet",
-    "step_generator": "the verl adapter gives methods no run seed yet (it needs the setup hook)",
-    "batch_editing": "the verl adapter does not run keep_rows (dropping and refilling rows) yet",
-    "row_injection": "the verl adapter does not run inject_rows yet",
-    "loss_normalisers": "the verl adapter's loss does not reduce loss_objectives (LossTerm normalisers) yet",
-    "whole_groups": "verl splits micro-batches by rows, not by groups (LossInputs.group_index is empty)",
     "update_control": "the verl adapter does not run scale_update yet",
+    "old_policy_probe": "the verl adapter does not run the old-policy probe yet (it needs a probe method on the actor "
+                        "workers giving the decoder's hidden states and the unsharded LM head; adapters/verl/README.md)",
+    "update_preview": "the verl adapter does not preview the optimiser's LM-head update yet (the head's optimiser state "
+                      "is sharded on the actor workers; adapters/verl/README.md)",
 }
 """Designed features (``docs/design.md``) the verl adapter does not implement, with the reason."""
 AGGREGATION = {"token-mean": "token_mean", "seq-mean-token-mean": "sequence_mean",
@@ -60,7 +64,11 @@ def verl_capabilities(config: Any = None, columns: Iterable[str] | None = None) 
     trainer (only rewards, the response mask and the uid reach the methods).
     """
     caps = TrainerCapabilities.standard(TRAINER, setting_names=SETTING_NAMES).with_columns(columns)
-    caps = dataclasses.replace(caps, batch_fields=caps.batch_fields | {"old_entropies"})  # verl's old-log-prob pass
+    caps = dataclasses.replace(caps.with_features(*FEATURES, "batch_editing", "row_injection"),
+                               batch_fields=caps.batch_fields | {"old_entropies", "old_log_probs_at", "steps"},
+                               loss_fields=caps.loss_fields | {"group_index"})
+    # old_entropies: verl's old-log-prob pass; old_log_probs_at: more passes of it (statistics.py);
+    # steps: a row is one turn ({uid}_{session}_{index}, trainer.py)
     for feature, reason in NOT_IMPLEMENTED.items():
         caps = caps.without(feature, because=reason)
     if config is None:
@@ -84,17 +92,46 @@ def verl_capabilities(config: Any = None, columns: Iterable[str] | None = None) 
                             because=f"trainer.v1.trainer_mode={mode} (the grpo_plugins trainer is verl's sync trainer; "
                             "use trainer.v1.trainer_mode=sync)")
     if loss_mode not in ("vanilla", NAME):
-        caps = caps.without("token_loss", "token_weights", *LOSS_FIELDS,
+        caps = caps.without("token_loss", "token_weights", "loss_normalisers", "whole_groups", *LOSS_FIELDS,
                             because=f"actor.policy_loss.loss_mode={loss_mode} (the methods' loss stage runs on verl's "
                             "vanilla PPO loss; use loss_mode=vanilla)")
     if (config.algorithm.get("rollout_correction", None) or {}).get("bypass_mode", False):
-        caps = caps.without("old_entropies", because="algorithm.rollout_correction.bypass_mode=True (verl skips its "
-                            "old-log-prob pass, which computes the token entropies)")
+        caps = caps.without("old_entropies", "old_log_probs_at", because="algorithm.rollout_correction.bypass_mode=True "
+                            "(verl skips its old-log-prob pass, which computes the token entropies and, at other "
+                            "temperatures, the log-probs; old_log_probs are then the rollout's)")
     if not need_reference_policy(config):
         caps = caps.without("ref_log_probs", because=f"verl runs no reference model ({REFERENCE_HINT})")
+    for blocker in whole_group_blockers(config):
+        caps = caps.without("whole_groups", "group_index", because=blocker)
+    for blocker in batch_editing_blockers(config):
+        caps = caps.without("batch_editing", because=blocker)
+    for blocker in injection_blockers(config):
+        caps = caps.without("row_injection", because=blocker)
     return caps
 
 
+def batch_editing_blockers(config: Any) -> list[str]:
+    """verl settings under which the adapter cannot drop and refill groups (:mod:`grpo_plugins_verl.refill`
+    runs inside verl's own sync ``ReplayBuffer``), as reasons."""
+    reasons = []
+    sampler = config.trainer.v1.get("sampler", None) or {}
+    custom = sampler.get("custom_sampler", None) or {}
+    if custom.get("path", None) and custom.get("name", None):
+        reasons.append("trainer.v1.sampler.custom_sampler is set (the adapter drops and refills groups in verl's own "
+                       "ReplayBuffer; remove the custom sampler)")
+    reward_model = config.reward.get("reward_model", None) or {}
+    if reward_model.get("enable", False) and not reward_model.get("enable_resource_pool", False):
+        reasons.append("a colocated reward model (reward.reward_model.enable=True without enable_resource_pool): verl "
+                       "scores after sampling, too late to drop groups; set reward.reward_model.enable_resource_pool=True")
+    return reasons
+
+
 def check_run(composition: Composition, config: Any = None, columns: Iterable[str] | None = None) -> None:
-    """Refuse, with every problem at once, methods that need what :func:`verl_capabilities` lacks."""
-    composition.check_capabilities(verl_capabilities(config, columns))
+    """Refuse, with every problem at once, methods that need what :func:`verl_capabilities` lacks (and
+    whole groups with rollout allocation, :func:`~grpo_plugins_verl.objectives.planning_problems`)."""
+    problems = (composition.capability_problems(verl_capabilities(config, columns)) + planning_problems(composition)
+                + injection_problems(composition))
+    if len(problems) == 1:
+        raise CompositionError(problems[0])
+    if problems:
+        raise CompositionError(f"the run cannot start on {TRAINER} ({len(problems)} problems):\n- " + "\n- ".join(problems))

@@ -333,19 +333,24 @@ class HFGenerateClient:
 
 
 class InlineActorHandle:
-    """A Ray actor handle stand-in: ``handle.method.remote(*args)`` awaits ``obj.method(*args)`` in this process."""
+    """A Ray actor handle stand-in: ``handle.method.remote(*args)`` awaits ``obj.method(*args)`` in this process;
+    called from outside the event ``loop`` the object lives on (the driver), it runs there and returns a future."""
 
-    def __init__(self, obj: Any):
+    def __init__(self, obj: Any, loop: asyncio.AbstractEventLoop | None = None):
         self._obj = obj
+        self._loop = loop
 
     def __getattr__(self, name: str):
         method = getattr(self._obj, name)
+        loop = self._loop
 
         class _Remote:
             @staticmethod
             def remote(*args, **kwargs):
                 result = method(*args, **kwargs)
                 if asyncio.iscoroutine(result):
+                    if loop is not None and not _running_on(loop):
+                        return asyncio.run_coroutine_threadsafe(result, loop)
                     return result
 
                 async def done():
@@ -354,6 +359,13 @@ class InlineActorHandle:
                 return done()
 
         return _Remote
+
+
+def _running_on(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 class InProcessAgentLoopManager:
@@ -370,7 +382,7 @@ class InProcessAgentLoopManager:
         worker_cls = AgentLoopWorkerTQ.__ray_actor_class__
 
         async def build():  # both workers bind to the event loop they are built on
-            self.reward_handles = [InlineActorHandle(RewardLoopWorker(config))]
+            self.reward_handles = [InlineActorHandle(RewardLoopWorker(config), self.loop)]
             return worker_cls(config, llm_client, None, self.reward_handles)
 
         self.worker = asyncio.run_coroutine_threadsafe(build(), self.loop).result()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 
 TOKEN_FIELDS = {"responses": "completion_ids", "old_log_probs": "old_log_probs", "ref_log_prob": "ref_log_probs",
@@ -20,6 +21,11 @@ ROW_FIELDS = ("extra_fields", "raw_prompt")
 """TransferQueue fields read per row: reward-function extra info and the chat prompt."""
 TOTAL_KEY = "score"
 """``reward_extra_info`` entry holding verl's total reward (not a component)."""
+STEP_REWARD, STEP_KEY = "step_reward", "step_key"
+"""Entries of an agent-loop output's ``extra_fields``: the turn's step reward (None: none) and the 63-bit key
+of the state it acted in (None or -1: unknown); read into ``GRPOBatch.steps`` for methods that need it."""
+TURNS = "turns"
+"""Key of :func:`batch_extras`'s result holding :func:`turn_rows` (not a ``GRPOBatch`` field)."""
 
 
 def fit_width(value: torch.Tensor, width: int) -> torch.Tensor:
@@ -58,11 +64,50 @@ def reward_components(
     return torch.tensor(rows, dtype=torch.float32), tuple(names)
 
 
+def turn_rows(keys: Sequence[str], extra_fields: Sequence[Any] | None = None) -> dict[str, torch.Tensor | None]:
+    """Each row's place in its trajectory, from verl's trajectory keys ``{uid}_{session}_{index}`` (the
+    agent loop writes output ``index`` of session ``session`` of prompt group ``uid``; a single-turn loop
+    writes index 0 only), and the step fields of its agent-loop ``extra_fields``.
+
+    Returns ``(B,)`` tensors: ``trajectory`` (one id per ``{uid}_{session}``; a key of another form, e.g. a
+    padding row's, is a trajectory of its own), ``turn`` (the index), ``reward`` (:data:`STEP_REWARD`,
+    NaN where absent; None when no row has one) and ``key`` (:data:`STEP_KEY`, -1 where absent; None when no
+    row has one).
+
+    Raises:
+        ValueError: a step key that is not an integer in ``[0, 2**63)``.
+    """
+    sessions, turns = [], []
+    for key in map(str, keys):
+        parts = key.rsplit("_", 2)
+        known = len(parts) == 3 and parts[2].isdigit()
+        sessions.append(f"{parts[0]}_{parts[1]}" if known else key)
+        turns.append(int(parts[2]) if known else 0)
+    _, trajectory = np.unique(np.asarray(sessions, dtype=object).astype(str), return_inverse=True)
+    infos = [(_plain(row) or {}) for row in (extra_fields if extra_fields is not None else [{}] * len(sessions))]
+    rewards = [info.get(STEP_REWARD) for info in infos]
+    state_keys = [info.get(STEP_KEY) for info in infos]
+    wrong = [k for k in state_keys if k is not None and not (isinstance(k, (int, np.integer)) and -1 <= int(k) < 2**63)]
+    if wrong:
+        raise ValueError(f"agent-loop extra field '{STEP_KEY}' must be an integer in [0, 2**63) or None (-1: unknown), "
+                         f"got {wrong[0]!r}")
+    return {
+        "trajectory": torch.as_tensor(trajectory.reshape(-1), dtype=torch.long),
+        "turn": torch.tensor(turns, dtype=torch.long),
+        "reward": None if all(r is None for r in rewards) else
+        torch.tensor([math.nan if r is None else float(r) for r in rewards], dtype=torch.float32),
+        "key": None if all(k is None for k in state_keys) else
+        torch.tensor([-1 if k is None else int(k) for k in state_keys], dtype=torch.long),
+    }
+
+
 def batch_extras(
     data: Any,
     reward_keys: Iterable[str] | None = None,
     reward_weights: Sequence[float] | None = None,
     tokenizer: Any = None,
+    keys: Sequence[str] | None = None,
+    step_fields: bool = True,
 ) -> dict[str, Any]:
     """``GRPOBatch`` fields from a TransferQueue ``TensorDict`` of the advantage-stage rows.
 
@@ -70,7 +115,8 @@ def batch_extras(
     (the old-log-prob pass's token entropies) ``(B, T)``,
     ``reward_components`` ``(B, K)`` + ``reward_names`` (+ ``reward_weights`` ``(K,)`` when given,
     in the order of ``reward_keys``), ``prompts`` (``B`` chat prompts) and, with a ``tokenizer``,
-    ``completions`` (``B`` decoded responses, special tokens dropped).
+    ``completions`` (``B`` decoded responses, special tokens dropped) and, with the rows' trajectory
+    ``keys``, :data:`TURNS` (:func:`turn_rows`; the step fields of ``extra_fields`` only with ``step_fields``).
     """
     extras: dict[str, Any] = {}
     present = [key for key in TOKEN_FIELDS if key in data.keys()]
@@ -95,4 +141,7 @@ def batch_extras(
         responses = data["responses"]
         rows = responses.unbind() if responses.is_nested else list(responses)
         extras["completions"] = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in rows]
+    if keys is not None:
+        read = step_fields and "extra_fields" in data.keys()
+        extras[TURNS] = turn_rows(keys, data["extra_fields"] if read else None)
     return extras

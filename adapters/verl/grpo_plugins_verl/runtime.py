@@ -18,35 +18,15 @@ import numpy as np
 import torch
 
 from grpo_plugins import Composition, GRPOBatch, Method
-from grpo_plugins.composition import parse_specs
-from grpo_plugins.default import GRPO
-
-from grpo_plugins_verl.exact_grpo import VerlGRPO
 from grpo_plugins_verl.settings import grpo_defaults, methods_from
 
 logger = logging.getLogger("grpo_plugins_verl")
 
 
 def build_composition(methods: Sequence[Any], defaults: Mapping[str, Mapping] | None = None) -> Composition:
-    """``Composition(methods, defaults)``, with verl's GRPO arithmetic when the built-in ``grpo`` estimates.
-
-    When no enabled method provides ``compute_advantages``, the built-in ``grpo`` is swapped for
-    :class:`~grpo_plugins_verl.exact_grpo.VerlGRPO` (same config) so that a run with no method
-    reproduces verl's ``grpo`` estimator bit for bit.
-    """
-    composition = Composition(methods, defaults=defaults)
-    if composition.providers("compute_advantages") != ["grpo"] or type(composition.method("grpo")) is not GRPO:
-        return composition
-    exact = VerlGRPO(composition.method("grpo").config)
-    specs: list[Any] = []
-    for name, spec in parse_specs(methods):
-        if name == "grpo":
-            specs.append(exact)
-        else:
-            specs.append(spec if isinstance(spec, Method) else {name: spec})
-    if "grpo" not in {name for name, _ in parse_specs(methods)}:
-        specs.append(exact)
-    return Composition(specs, defaults=defaults)
+    """``Composition(methods, defaults)``; ``defaults`` (:func:`~grpo_plugins_verl.settings.grpo_defaults`)
+    give the built-in ``grpo`` verl's arithmetic, so a run with no method reproduces verl's ``grpo``."""
+    return Composition(methods, defaults=defaults)
 
 
 @dataclass
@@ -73,6 +53,10 @@ class Runtime:
         last_rows: ``(N,)`` verl row of each ``last_batch`` completion (verl's padding rows left out).
         checked: whether the estimator has run the capability check of a run without the trainer.
         skipped: batches skipped since the trainer last logged them (every completion masked).
+        set_up: whether ``setup`` has run in this process (driver: once the dataset is loaded; actor
+            worker: at its first loss call).
+        row_groups: ``{verl key: (group, group size)}`` of the latest advantage stage's rows, for the
+            whole-group ordering of the actor batch (:mod:`grpo_plugins_verl.objectives`).
     """
 
     composition: Composition
@@ -88,6 +72,8 @@ class Runtime:
     dataset_index: dict[str, int] = field(default_factory=dict)
     checked: bool = False
     skipped: int = 0
+    set_up: bool = False
+    row_groups: dict[str, tuple[int, int]] | None = None
 
     def dataset_indices(self, uids: np.ndarray) -> list[int]:
         """Dataset index of each row whose verl ``uid`` is ``uids`` ``(N,)``."""

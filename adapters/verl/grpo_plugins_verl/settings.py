@@ -110,9 +110,10 @@ def grpo_defaults(algorithm_config: Any = None) -> dict[str, dict[str, Any]]:
     """Defaults of the built-in ``grpo`` method taken from verl's own GRPO settings.
 
     ``algorithm.norm_adv_by_std_in_grpo`` True -> ``scale="group"``, False -> ``scale="none"``
-    (Dr. GRPO); ``epsilon`` is verl's fixed 1e-6.
+    (Dr. GRPO); ``epsilon`` is verl's fixed 1e-6; verl's arithmetic (``grpo`` alone gives verl's ``grpo``
+    advantages bit for bit, groups of one included).
     """
     norm = True
     if algorithm_config is not None and hasattr(algorithm_config, "get"):
         norm = bool(algorithm_config.get("norm_adv_by_std_in_grpo", True))
-    return {"grpo": {"scale": "group" if norm else "none", "epsilon": DEFAULT_EPSILON}}
+    return {"grpo": {"scale": "group" if norm else "none", "epsilon": DEFAULT_EPSILON, "arithmetic": "verl"}}

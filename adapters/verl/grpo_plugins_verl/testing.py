@@ -126,6 +126,7 @@ def verl_loss_on_batch(
     completions: list | None = None,
     rows: list[dict] | None = None,
     old_entropies: torch.Tensor | None = None,
+    old_log_probs_at: dict[float, torch.Tensor] | None = None,
     total_steps: int | None = None,
     loss_agg_mode: str = "token-mean",
     **actor_fields: Any,
@@ -136,7 +137,8 @@ def verl_loss_on_batch(
 
     Arguments as :func:`grpo_plugins_trl.testing.trl_loss_on_batch` (``completion_mask`` right-padded,
     every completion at least one token); ``old_entropies`` ``(N, T)`` are the old-log-prob pass's token
-    entropies (``GRPOBatch.old_entropies``); ``loss_agg_mode`` and ``actor_fields`` configure verl's
+    entropies (``GRPOBatch.old_entropies``); ``old_log_probs_at`` ``{temperature: (N, T)}`` the actor's passes at
+    other temperatures (``GRPOBatch.old_log_probs_at``); ``loss_agg_mode`` and ``actor_fields`` configure verl's
     ``ActorConfig``.
 
     Raises:
@@ -148,6 +150,8 @@ def verl_loss_on_batch(
     from verl.utils import tensordict_utils as tu
 
     import grpo_plugins_verl.loss as verl_loss
+    from grpo_plugins_verl import objectives
+    from grpo_plugins_verl.capabilities import verl_capabilities
     from grpo_plugins_verl.advantage import compute_grpo_plugins_advantage
     from grpo_plugins_verl.capabilities import check_run
     from grpo_plugins_verl.runtime import configure, get_runtime
@@ -170,14 +174,22 @@ def verl_loss_on_batch(
         extras["ref_log_probs"] = ref_log_probs
     if old_entropies is not None:
         extras["old_entropies"] = old_entropies
+    if old_log_probs_at:
+        extras["old_log_probs_at"] = dict(old_log_probs_at)
     if reward_components is not None:
         extras.update(reward_components=reward_components.float(), reward_names=tuple(reward_names))
+    if "steps" in runtime.composition.required_fields():  # as the trainer reads them: each row one turn-0 session
+        from grpo_plugins_verl.extras import TURNS, turn_rows
+
+        extras[TURNS] = turn_rows([f"{uid}_{row}_0" for row, uid in enumerate(uids)])
     runtime.extras = extras
     _, sizes = torch.unique(prompt_ids, return_counts=True)
     checked = run_config(f"actor_rollout_ref.actor.loss_agg_mode={loss_agg_mode}", f"actor_rollout_ref.rollout.n={int(sizes.max())}",
+                         "trainer.n_gpus_per_node=1", f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={n}",
                          f"data.train_batch_size={sizes.numel()}", f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes.numel()}",
                          *(("actor_rollout_ref.actor.use_kl_loss=True",) if ref_log_probs is not None else ()))
     check_run(runtime.composition, checked, columns=list(rows[0]) if rows else None)  # the trainer's start-up check
+    runtime.composition.run_setup(objectives.run_context(checked, None, n, total_steps, verl_capabilities(checked).settings))
     token_rewards = torch.zeros(n, t)
     token_rewards[torch.arange(n), lengths - 1] = rewards.float()  # verl's score on the last response token
     advantages, _ = compute_grpo_plugins_advantage(token_rewards, mask.long(), uids, OmegaConf.create({}))
@@ -193,6 +205,8 @@ def verl_loss_on_batch(
     }
     if stage.token_weights is not None:
         fields[verl_loss.TOKEN_WEIGHTS] = stage.token_weights
+    if runtime.composition.implements("loss_objectives"):  # each row's group, as the trainer carries it
+        fields.update(objectives.group_fields(stage.group_index, stage.group_sizes, runtime.last_rows, n))
     if ref_log_probs is not None:
         fields["ref_log_prob"] = ref_log_probs
     info = {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": n, verl_loss.STEP: stage.step}
@@ -208,7 +222,7 @@ def verl_loss_on_batch(
     model_output = {"log_probs": flat(current)}
     if entropies is not None:
         model_output["entropy"] = flat(entropies)
-    config = actor_config(NAME, loss_agg_mode, **actor_fields)
+    config = actor_config(NAME, loss_agg_mode, **{"rollout_n": int(sizes.max()), **actor_fields})
     recorded: list[torch.Tensor] = []
     aggregate = verl_loss.agg_loss
 

@@ -10,8 +10,14 @@
   dataset's ``prompt_id`` column, else the row's dataset index) so the advantage stage groups by it;
 - before verl's advantage step, the rows' completion tokens, old/reference log-probs, prompts and
   ``reward_extra_info`` scores are fetched from TransferQueue for the methods
-  (:mod:`grpo_plugins_verl.extras`), and the stage's metrics go into verl's step metrics;
+  (:mod:`grpo_plugins_verl.extras`), with each row's turn of its trajectory (``GRPOBatch.steps``, from
+  the keys ``{uid}_{session}_{index}``) when a method needs it, and the stage's metrics go into
+  verl's step metrics; log-probs at the other temperatures a method reads (``old_log_probs_at``) come
+  from more passes of the actor's ``compute_log_prob`` before verl's own (:mod:`grpo_plugins_verl.statistics`);
 - ``observe`` runs after each actor update, with the batch the advantage stage saw;
+- ``setup`` runs once the dataset is loaded (and in each actor worker); each row's group travels to
+  the loss, and the actor batch is ordered by whole groups when a method needs them
+  (:mod:`grpo_plugins_verl.objectives`);
 - plugin state (and the sampling generator) is written to ``global_step_<n>/grpo_plugins.pt`` with
   every verl checkpoint and restored on resume.
 
@@ -35,14 +41,17 @@ from tensordict import TensorDict
 from omegaconf import open_dict
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils import tensordict_utils as tu
 from verl.utils.dataset.rl_dataset import collate_fn
 from verl.workers.utils.padding import response_to_nested
 
 from grpo_plugins import Composition, CompositionError, PromptRound
+from grpo_plugins.objectives import whole_group_methods
 
-from grpo_plugins_verl.capabilities import check_run
+from grpo_plugins_verl import injection, objectives, refill, statistics
+from grpo_plugins_verl.capabilities import check_run, verl_capabilities
 from grpo_plugins_verl.extras import ROW_FIELDS, batch_extras
 from grpo_plugins_verl.loss import ROW_PREFIX, STEP, TOKEN_WEIGHTS, grpo_plugins_ppo_loss
 from grpo_plugins_verl.runtime import Runtime, get_runtime
@@ -183,12 +192,23 @@ class GRPOPluginsTrainer(PPOTrainerSync):
             raise CompositionError(
                 f"trainer.v1.trainer_mode={NAME} needs algorithm.adv_estimator={NAME} (got {config.algorithm.adv_estimator})"
             )
+        # keep_rows / verl's filter_groups: verl's DAPO path, classified by refill.PluginReplayBuffer
+        self.batch_editing = refill.prepare_config(config, get_runtime(config.algorithm).composition)
         super().__init__(config)
         self.grpo_plugins: Runtime = get_runtime(config.algorithm)
         self.grpo_plugins.trainer_attached = True
         self.grpo_plugins.rows_for = self._dataset_rows
         check_run(self.grpo_plugins.composition, config)
         self.prompt_generator = torch.Generator().manual_seed(int(config.data.get("seed", None) or 1))
+        self.injection = injection.Injection.install(self)  # inject_rows: rows join each step's batch
+
+    def _build_replay_buffer(self):
+        """verl's replay buffer; with batch editing, verl's sync buffer whose DAPO classification also asks the
+        ``keep_rows`` methods (:class:`~grpo_plugins_verl.refill.PluginReplayBuffer`)."""
+        buffer = super()._build_replay_buffer()
+        if getattr(self, "batch_editing", False) and type(buffer) is ReplayBuffer and buffer.filter_groups_metric:
+            return refill.PluginReplayBuffer.of(buffer, get_runtime(self.config.algorithm), self.config)
+        return buffer  # a custom sampler: batch editing is refused by the capability check
 
     # ------------------------------------------------------------------ round planning
     def _dataset_rows(self, prompt_ids: list[int]) -> list[dict]:
@@ -201,6 +221,10 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         columns = getattr(getattr(self.train_dataset, "dataframe", None), "column_names", None)
         check_run(self.grpo_plugins.composition, self.config, columns)  # now with the dataset's columns
         self.grpo_plugins.total_steps = self._total_steps()
+        self.setup_context = objectives.run_context(self.config, self.tokenizer, len(self.train_dataset), self._total_steps(),
+                                                    verl_capabilities(self.config, columns).settings)
+        self.grpo_plugins.composition.run_setup(self.setup_context)
+        self.grpo_plugins.set_up = True
         self.train_dataset = IndexedDataset(self.train_dataset)
         loader = self.train_dataloader
         self.train_dataloader = StatefulDataLoader(
@@ -241,6 +265,9 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         self.grpo_plugins.prompt_ids.update(zip(uids, (int(key) for key in keys)))
         self.grpo_plugins.dataset_index.update(zip(uids, prompt_ids.tolist()))
         self.submitted_groups = getattr(self, "submitted_groups", 0) + len(uids)
+        counts = batch_dict.get(ROLLOUT_N_KEY, None)
+        rollouts = len(uids) * rollout_n if counts is None else int(sum(int(c) for c in counts))
+        self.submitted_rollouts = getattr(self, "submitted_rollouts", 0) + rollouts  # refill costs (batch_editing/)
         batch_dict["uid"] = np.array(uids, dtype=object)
         return tu.get_tensordict(batch_dict)
 
@@ -251,9 +278,9 @@ class GRPOPluginsTrainer(PPOTrainerSync):
     def prepare_step(self) -> dict:
         """Submit the step's rounds and remember how many prompt groups they hold (a sampler may
         choose more or fewer prompts than verl's ``train_batch_size``)."""
-        self.submitted_groups = 0
+        self.submitted_groups = self.submitted_rollouts = 0
         metrics = super().prepare_step()
-        self.step_groups = self.submitted_groups
+        self.step_groups, self.first_rollouts = self.submitted_groups, self.submitted_rollouts
         return metrics
 
     def _step_once(self, metrics: dict, timing_raw: dict, sample_batch_size: int):
@@ -267,24 +294,47 @@ class GRPOPluginsTrainer(PPOTrainerSync):
                 )
             sample_batch_size = groups  # take every group the planned rounds submitted
         batch = super()._step_once(metrics, timing_raw, sample_batch_size)
+        if getattr(self, "batch_editing", False):  # what dropping and refilling groups cost this step
+            metrics.update(refill.step_metrics(self.replay_buffer, metrics, self.submitted_rollouts, self.first_rollouts))
         self.observe_step()
         return batch
 
     # ------------------------------------------------------------------ advantage and observe
+    def _balance_batch(self, batch, metrics, *args, **kwargs):
+        """verl's balancing and padding, after the ``inject_rows`` rows joined the sampled batch
+        (:mod:`grpo_plugins_verl.injection`; no such method: verl's own)."""
+        if getattr(self, "injection", None) is not None:
+            batch = self.injection.inject(batch, metrics)
+        return super()._balance_batch(batch, metrics, *args, **kwargs)
+
+    def _compute_old_log_prob(self, batch, metrics: dict):
+        """verl's old-log-prob pass, preceded by the actor's passes at the other temperatures the methods read
+        (``GRPOBatch.old_log_probs_at``, :mod:`grpo_plugins_verl.statistics`; none: nothing more runs)."""
+        self.temperature_passes = statistics.run_passes(self, batch)
+        batch = super()._compute_old_log_prob(batch, metrics)
+        if getattr(self, "injection", None) is not None:
+            self.injection.sampling_log_probs(batch)  # injected rows: rollout log-probs = old log-probs
+        return batch
+
     def _compute_advantage(self, batch, metrics: dict):
         self.grpo_plugins.step = max(int(self.global_steps) - 1, 0)
+        self.grpo_plugins.row_groups = None  # set again by _put_loss_inputs for this step's rows
         fields = ["responses", "old_log_probs", *ROW_FIELDS] + (["ref_log_prob"] if self.use_reference_policy else [])
         if "old_entropies" in self.grpo_plugins.composition.required_fields():
             fields.append("entropy")  # the token entropies verl's old-log-prob pass stores
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         keys, weights = (self.config.algorithm.get(name, None) for name in (REWARD_KEYS, REWARD_WEIGHTS))
-        wants_text = "completions" in self.grpo_plugins.composition.required_fields()
+        required = self.grpo_plugins.composition.required_fields()
         self.grpo_plugins.extras = batch_extras(
             data,
             None if keys is None else list(keys),
             None if weights is None else list(weights),
-            tokenizer=self.tokenizer if wants_text else None,
+            tokenizer=self.tokenizer if "completions" in required else None,
+            keys=batch.keys,  # each row's turn of its session (multi-turn rows; GRPOBatch.steps)
+            step_fields="steps" in required,
         )
+        statistics.add_field(self, batch.keys)  # old_log_probs_at, when a method reads it
+        injection.add_field(self, batch.keys)  # row_data["injected"], when a method injects rows
         try:
             batch = super()._compute_advantage(batch, metrics)
         finally:
@@ -309,7 +359,13 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         values = {ROW_PREFIX + key: value for key, value in stage.row_data.items()}
         if stage.token_weights is not None:
             values[TOKEN_WEIGHTS] = stage.token_weights
-        if not values:
+        composition = runtime.composition
+        groups = {}
+        if composition.implements("loss_objectives") or whole_group_methods(composition):
+            groups = objectives.group_fields(stage.group_index, stage.group_sizes, runtime.last_rows, len(batch.keys))
+            index, size = groups[objectives.GROUP_INDEX].tolist(), groups[objectives.GROUP_SIZE].tolist()
+            runtime.row_groups = dict(zip(batch.keys, zip(index, size)))
+        if not values and not groups:
             return
         mask = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["response_mask"])
         response_mask, width = mask["response_mask"], stage.completion_mask.shape[1]
@@ -319,7 +375,10 @@ class GRPOPluginsTrainer(PPOTrainerSync):
             full[runtime.last_rows.to(value.device)] = value
             token_aligned = value.dim() >= 2 and value.shape[1] == width
             fields[name] = response_to_nested(full, response_mask) if token_aligned else full
+        fields.update(groups)
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(fields, batch_size=len(batch.keys)))
+        if batch.fields is not None:  # the workers fetch only the fields the batch lists
+            batch.fields = [*batch.fields, *(name for name in fields if name not in batch.fields)]
 
     def on_init_end(self):
         """Install the adapter's actor loss on every actor worker when the adapter owns the loss."""
@@ -327,13 +386,40 @@ class GRPOPluginsTrainer(PPOTrainerSync):
             from verl.utils.config import omega_conf_to_dataclass
 
             actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
-            self.actor_rollout_wg.set_loss_fn(partial(grpo_plugins_ppo_loss, config=actor_config))
+            context = getattr(self, "setup_context", None)
+            self.actor_rollout_wg.set_loss_fn(partial(grpo_plugins_ppo_loss, config=actor_config, context=context))
             self.grpo_plugins.loss_installed = True
         super().on_init_end()
 
     def _update_actor(self, batch, metrics: dict):
         batch.extra_info[STEP] = max(int(self.global_steps) - 1, 0)
-        return super()._update_actor(batch, metrics)
+        methods = whole_group_methods(self.grpo_plugins.composition)
+        if not methods or self.grpo_plugins.row_groups is None:
+            return super()._update_actor(batch, metrics)
+        actor = self.config.actor_rollout_ref.actor
+        shuffle = bool(actor.get("shuffle", False))
+        self._order_whole_groups(batch, methods, shuffle)
+        with open_dict(self.config):
+            actor.shuffle = False  # the groups are shuffled above, rows must not be
+        try:
+            return super()._update_actor(batch, metrics)
+        finally:
+            with open_dict(self.config):
+                actor.shuffle = shuffle
+
+    def _order_whole_groups(self, batch, methods: list[str], shuffle: bool) -> None:
+        """Reorder the actor batch so verl's data-parallel shares, mini- and micro-batches hold whole groups."""
+        from verl.utils.seqlen_balancing import calculate_workload
+
+        groups, sizes = (torch.tensor(column) for column in zip(*(self.grpo_plugins.row_groups[k] for k in batch.keys)))
+        workloads = calculate_workload(torch.tensor([tag["seq_len"] for tag in batch.tags], dtype=torch.int64))
+        wg = self.actor_rollout_wg
+        dp_size = max(wg._dispatch_info.get("actor") or wg._query_dispatch_info("actor")) + 1  # as _balance_batch
+        seed = int(self.config.actor_rollout_ref.actor.get("data_loader_seed", 42) or 0) + int(self.global_steps)
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        order = objectives.whole_group_order(groups, sizes, workloads.tolist(), dp_size,
+                                             int(self.config.actor_rollout_ref.rollout.n), methods, generator)
+        batch.reorder(order)
 
     def observe_step(self) -> None:
         """Run ``observe`` on the latest advantage-stage batch (once), after the actor update."""

@@ -16,7 +16,7 @@ from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
 import grpo_plugins_verl
 from grpo_plugins import BatchError, CompositionError, GRPOBatch, Method, PluginError, hookimpl
 from grpo_plugins_verl.advantage import compute_grpo_plugins_advantage
-from grpo_plugins_verl.exact_grpo import torch_group_mean_std
+from grpo_plugins.arithmetic import group_mean_std
 from grpo_plugins_verl.loss import compute_grpo_plugins_policy_loss
 from grpo_plugins_verl.testing import actor_config, isolate, verl_batch
 
@@ -69,7 +69,7 @@ def test_group_statistics_match_torch_per_group_calls():
     sizes = torch.tensor([2, 7, 3, 7, 1, 64, 2, 3])
     index = torch.repeat_interleave(torch.arange(len(sizes)), sizes)[torch.randperm(int(sizes.sum()), generator=gen)]
     values = torch.randn(index.numel(), generator=gen) * 3 + 0.3
-    mean, std = torch_group_mean_std(values, index, len(sizes))
+    mean, std = group_mean_std(values, index, len(sizes), "verl")
     for g in range(len(sizes)):
         members = values[(index == g).nonzero().flatten()]  # batch order, as verl stacks them
         if sizes[g] > 1:

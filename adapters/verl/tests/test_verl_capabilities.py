@@ -94,15 +94,83 @@ def problems(methods, config=None, columns=None):
     return Composition(methods).capability_problems(verl_capabilities(config, columns))
 
 
+class Pairwise(Method):
+    """A whole-group objective (as copg, disco and reg_grpo declare it)."""
+
+    name = "toy_pairwise"
+
+    def needs(self):
+        return Needs(loss_fields={"group_index"}, features={"whole_groups"})
+
+    @hookimpl
+    def loss_objectives(self, inputs):
+        group, _ = inputs.local_groups(self.name)
+        return {"pairs": LossTerm(group.float(), normaliser="group")}
+
+
+TINY = ("actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2", "data.train_batch_size=2")
+"""2 prompts x 4 completions in micro-batches of 8 rows (verl's default: 8 GPUs on one node)."""
+
+
+class Allocator(Method):
+    name = "toy_allocator"
+
+    @hookimpl
+    def allocate_rollouts(self, round, prompt_ids):
+        return torch.full_like(prompt_ids, round.default_rollouts)
+
+
 def test_designed_features_verl_lacks_are_refused_naming_method_and_feature():
     found = problems([Objectives(), Setup(), Filter(), Injector(), StepScaler()], verl_config())
-    expected = {"toy_objectives": "loss_normalisers", "toy_setup": "method_setup", "toy_filter": "batch_editing",
-                "toy_injector": "row_injection", "toy_step_scaler": "update_control"}
+    expected = {"toy_step_scaler": "update_control"}  # row_injection: provided (test_verl_injection.py)
     assert len(found) == len(expected)
     for method, feature in expected.items():
         assert any(f"method '{method}' needs trainer feature '{feature}'" in p and "verl lacks it" in p for p in found)
-    with pytest.raises(CompositionError, match="5 problems"):
+    with pytest.raises(CompositionError, match="method 'toy_step_scaler' needs trainer feature 'update_control'"):
         check_run(Composition([Objectives(), Setup(), Filter(), Injector(), StepScaler()]), verl_config())
+
+
+@pytest.mark.parametrize("overrides, setting", [
+    ((), "trainer_mode=grpo_plugins"),  # verl's own trainer (no config): no replay buffer of the adapter's
+    (("+trainer.v1.sampler.custom_sampler.path=my.py", "+trainer.v1.sampler.custom_sampler.name=Mine"), "custom_sampler"),
+    (("reward.reward_model.enable=True",), "enable_resource_pool=True"),
+    (("trainer.v1.trainer_mode=separate_async",), "trainer.v1.trainer_mode=separate_async"),
+])
+def test_batch_editing_runs_in_verl_own_sync_replay_buffer(overrides, setting):
+    """keep_rows is provided with the grpo_plugins trainer (verl's DAPO filter and refill), refused where verl's
+    sync ReplayBuffer does not decide the groups, naming the setting."""
+    assert problems([Filter()], verl_config()) == []
+    found = problems([Filter()], verl_config(*overrides) if overrides else None)
+    assert len(found) == 1 and "'toy_filter' needs trainer feature 'batch_editing'" in found[0] and setting in found[0]
+
+
+def test_objectives_setup_and_whole_groups_run_with_the_grpo_plugins_trainer():
+    assert problems([Objectives(), Setup(), Pairwise()], verl_config(*TINY, "trainer.n_gpus_per_node=1")) == []
+    # without the trainer (verl's estimator and policy loss registered by hand) only the loss terms remain
+    found = problems([Objectives(), Setup(), Pairwise()], None)
+    assert not any("toy_objectives" in p for p in found)
+    assert any("'toy_setup' needs trainer feature 'method_setup'" in p for p in found)
+    assert any("'toy_pairwise' needs trainer feature 'whole_groups'" in p and "trainer_mode=grpo_plugins" in p for p in found)
+
+
+@pytest.mark.parametrize("override, setting", [
+    ("actor_rollout_ref.actor.use_dynamic_bsz=True", "use_dynamic_bsz=True"),
+    ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=6", "ppo_micro_batch_size_per_gpu=6 is not a multiple of "
+     "actor_rollout_ref.rollout.n=4"),
+    ("trainer.n_gpus_per_node=4", "ppo_mini_batch_size=2 prompts do not split evenly over the 4 data-parallel ranks"),
+    ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=2", "over the 4 data-parallel ranks"),
+])
+def test_whole_groups_are_refused_where_verl_would_split_a_group(override, setting):
+    gpus = () if "n_gpus" in override else ("trainer.n_gpus_per_node=8" if "ulysses" in override else "trainer.n_gpus_per_node=1",)
+    found = problems([Pairwise(), Objectives()], verl_config(*TINY, *gpus, override))
+    assert len(found) == 2, found  # the feature and the loss field group_index, for the whole-group method only
+    assert all("method 'toy_pairwise'" in p and setting in p for p in found)
+
+
+def test_whole_groups_with_rollout_allocation_are_refused():
+    with pytest.raises(CompositionError, match=r"toy_pairwise.*toy_allocator.*allocate_rollouts"):
+        check_run(Composition([Pairwise(), Allocator()]), verl_config())
 
 
 def test_verl_settings_take_features_away():

@@ -46,7 +46,7 @@ def test_method_runs_through_the_verl_step(name):
             entropies=torch.where(keep, torch.rand(keep.shape), 0.0), ref_log_probs=batch.ref_log_probs,
             reward_components=batch.reward_components, reward_names=batch.reward_names, prompts=batch.prompts,
             completions=batch.completions, rows=batch.rows, total_steps=example.total_steps,
-            old_entropies=torch.where(keep, batch.old_entropies, 0.0),
+            old_entropies=torch.where(keep, batch.old_entropies, 0.0), old_log_probs_at=batch.old_log_probs_at,
         )
     except CompositionError as refused:  # what verl cannot provide is refused at start-up, naming the method
         assert f"method '{name}'" in str(refused) and "verl lacks it" in str(refused), refused

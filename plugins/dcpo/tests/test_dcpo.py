@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from grpo_plugins import Composition, CompositionError, GRPOBatch, LossInputs, TrainerCapabilities
-from grpo_plugin_dcpo import dcpo_advantages, dual_clip_loss, mixing_weight, target_temperature
+from grpo_plugins.surrogates import dual_clip_loss
+from grpo_plugin_dcpo import dcpo_advantages, mixing_weight, target_temperature
 
 
 def test_card_example_numbers():

@@ -8,7 +8,8 @@ import torch
 
 from grpo_plugins import BatchError, Composition, ConfigError, GRPOBatch, PluginError
 from grpo_plugins.testing import make_batch
-from grpo_plugin_unlikeliness import Unlikeliness, group_ranks, sequence_scores, unlikeliness_rewards
+from grpo_plugins.ops import group_ranks
+from grpo_plugin_unlikeliness import Unlikeliness, sequence_scores, unlikeliness_rewards
 
 
 def batch_with_scores(prompt_ids, rewards, scores, lengths, num_tokens: int = 5) -> GRPOBatch:
@@ -66,7 +67,7 @@ def test_ties_are_broken_by_batch_position():
     scores = torch.tensor([-1.0, -1.0, -2.0, -1.0, -1.0])
     index = torch.tensor([1, 0, 1, 0, 1])
     # group 0: positions 1, 3 tie -> ranks 0, 1; group 1: positions 0, 2, 4 with -2.0 lowest -> 2:0, 0:1, 4:2
-    assert group_ranks(scores, index, 2).tolist() == [1, 0, 0, 1, 2]
+    assert group_ranks(index, 2, scores).tolist() == [1, 0, 0, 1, 2]
 
 
 # ----------------------------------------------------------------------------- degenerate groups

@@ -61,7 +61,9 @@ def example_run(name: str, assets: Path, work: Path, monkeypatch) -> tuple[list,
     train.to_parquet(work / "train.parquet")
     for linked in ("model", "val.parquet"):
         (work / linked).symlink_to(assets / linked)
-    if tuple(example.reward_names) != ("reward_0", "reward_1"):  # the example names its components
+    names = tuple(example.reward_names)
+    if names != ("reward_0", "reward_1") or any(value in names for value in example.config.values()):
+        # the example names its components, or its config reads one (e.g. dagrpo's score)
         values = None if example.reward_values is None else list(example.reward_values)
         monkeypatch.setenv(REWARD_COMPONENTS, json.dumps({"names": list(example.reward_names), "values": values}))
     assert all(example_row(example, 0)[c] is not None for c in example.columns)
@@ -77,7 +79,8 @@ def example_run(name: str, assets: Path, work: Path, monkeypatch) -> tuple[list,
 def overrides_for(methods: list, steps: int = 2, save_freq: int = -1, resume: str = "disable") -> list[str]:
     """verl overrides of a ``steps``-step run of ``methods``, with the reference model when one needs it."""
     base = [f"trainer.total_training_steps={steps}", f"trainer.save_freq={save_freq}", f"trainer.resume_mode={resume}"]
-    if Composition(methods).requirers("ref_log_probs"):
+    composition = Composition(methods)
+    if composition.requirers("ref_log_probs") or composition.needers("loss_fields", "ref_log_probs"):
         assert "use_kl_loss=True" in REFERENCE_HINT
         base.extend(REFERENCE)
     return base
@@ -97,8 +100,15 @@ def check_trained(result, methods: list, work: Path, steps: int = 2) -> None:
     for step in result.metrics:
         assert math.isfinite(step["actor/pg_loss"]) and math.isfinite(step["actor/grad_norm"])
         assert step["critic/score/max"] >= step["critic/score/min"]
+    composition = result.trainer.grpo_plugins.composition
+    for name in composition.providers("loss_objectives"):  # each term logged as plugins/<method>/<term>
+        assert all(any(f"plugins/{name}/" in key and math.isfinite(value) for key, value in step.items())
+                   for step in result.metrics), (name, sorted(result.metrics[0]))
     engine = result.trainer.actor_rollout_wg.worker.actor.engine
-    assert engine.optimizer_steps == steps  # one mini-batch per step, each an AdamW step
+    actor = result.trainer.config.actor_rollout_ref
+    mini = actor.actor.ppo_mini_batch_size * actor.rollout.n  # verl's mini-batch rows
+    injected = sum(math.ceil(step.get("injection/rows", 0) / mini) for step in result.metrics)
+    assert engine.optimizer_steps == steps + injected  # one mini-batch per step (and one per overflow of injected rows)
     if any(step["actor/grad_norm"] > 0 for step in result.metrics):
         before = initial_parameters(work)
         after = result.model.state_dict()
@@ -129,6 +139,47 @@ def test_round_one_stack_runs_verl_fit(methods, tiny_assets, ray_cluster):
     config = compose_config(methods, tiny_assets, REWARD, overrides_for(methods))
     result = run_fit(config)
     check_trained(result, methods, tiny_assets)
+
+
+def test_whole_groups_stay_together_when_verl_shuffles_and_splits_mini_batches(tiny_assets, ray_cluster):
+    """``reg_grpo`` (a whole-group objective) with ``actor.shuffle=True``, two mini-batches of one prompt
+    and micro-batches of one group: the adapter orders the actor batch by groups (the installed loss
+    refuses any micro-batch holding part of a group) and the objective is logged per optimiser step."""
+    if "reg_grpo" not in METHODS:
+        pytest.skip("reg_grpo is not installed")
+    methods = ["reg_grpo"]
+    shape = ["actor_rollout_ref.actor.shuffle=True", "actor_rollout_ref.actor.ppo_mini_batch_size=1"]
+    config = compose_config(methods, tiny_assets, REWARD, [*overrides_for(methods), *shape])
+    orders: list[list[str]] = []
+
+    def record(trainer):
+        order = trainer._order_whole_groups
+
+        def recording(batch, *args):
+            order(batch, *args)
+            orders.append([str(key).rsplit("_", 2)[0] for key in batch.keys])
+
+        trainer._order_whole_groups = recording
+
+    result = run_fit(config, before_fit=record)
+    assert len(orders) == 2 and all(len(set(o[:4])) == 1 and len(set(o[4:])) == 1 for o in orders)  # uid blocks
+    assert result.trainer.actor_rollout_wg.worker.actor.engine.optimizer_steps == 4  # 2 mini-batches per step
+    assert all(math.isfinite(step["actor/plugins/reg_grpo/regression"]) for step in result.metrics)
+    assert result.trainer.config.actor_rollout_ref.actor.shuffle is True  # restored after each update
+
+
+def test_seeded_step_generator_and_setup_run_in_verl_fit(tiny_assets, ray_cluster):
+    """``rec``'s balance drop draws from ``Method.step_generator`` (feature ``step_generator``): the trainer
+    gives every method the run's context (seed ``data.seed``) once the dataset is loaded."""
+    if "rec" not in METHODS:
+        pytest.skip("rec is not installed")
+    methods = [{"rec": {"drop": "balance"}}]
+    config = compose_config(methods, tiny_assets, REWARD, [*overrides_for(methods), "data.seed=5"])
+    result = run_fit(config)
+    check_trained(result, methods, tiny_assets)
+    rec = result.trainer.grpo_plugins.composition.method("rec")
+    assert rec.context.seed == 5 and rec.context.tokenizer is result.trainer.tokenizer
+    assert rec.context.dataset_size == 32 and rec.context.settings["group_size"] == 4
 
 
 class UnevenAllocator(Method):
