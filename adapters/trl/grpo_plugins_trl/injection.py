@@ -39,7 +39,9 @@ import torch
 
 from grpo_plugins import CompositionError, TrainerCapabilities
 from grpo_plugins.injection import INJECTED_KEY, Layout, injected_rewards, method_conflicts, parse_rows
-from grpo_plugins_trl.refill import IMAGE_COLUMNS, _concat, _left, _pad_value, _trim, scored_round
+from grpo_plugins_trl.refill import (
+    _concat, _left, _pad_value, _trim, row_editing_blockers, scored_round, with_feature_unless,
+)
 
 if TYPE_CHECKING:
     from grpo_plugins import Composition
@@ -58,21 +60,13 @@ def enabled(composition: "Composition") -> bool:
 
 
 def _blockers(args: Any, dataset: Any) -> list[str]:
-    reasons = []
-    columns = set(getattr(dataset, "column_names", None) or ())
-    if columns & set(IMAGE_COLUMNS):
-        reasons.append(f"image columns {sorted(columns & set(IMAGE_COLUMNS))} (multimodal rows are not injected)")
-    if args.multi_objective_aggregation != "sum_then_normalize":
-        reasons.append(f"multi_objective_aggregation='{args.multi_objective_aggregation}' (TRL normalises over the "
-                       "batch before rows are injected; use 'sum_then_normalize')")
-    return reasons
+    return row_editing_blockers(args, dataset, "multimodal rows are not injected",
+                                "TRL normalises over the batch before rows are injected")
 
 
 def with_row_injection(caps: TrainerCapabilities, args: Any, dataset: Any = None) -> TrainerCapabilities:
     """``caps`` plus ``row_injection``, unless a TRL setting prevents it (then without it, with the reason)."""
-    caps = caps.with_features(FEATURE)
-    reasons = _blockers(args, dataset)
-    return caps.without(FEATURE, because="; ".join(reasons)) if reasons else caps
+    return with_feature_unless(caps, FEATURE, _blockers(args, dataset))
 
 
 def injection_problems(args: Any, composition: "Composition", dataset: Any = None) -> list[str]:

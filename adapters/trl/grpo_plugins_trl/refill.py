@@ -58,25 +58,37 @@ def enabled(args: Any, composition: "Composition") -> bool:
     return bool(getattr(args, "filter_groups", False)) or composition.implements("keep_rows")
 
 
+def row_editing_blockers(args: Any, dataset: Any, images: str, aggregation: str) -> list[str]:
+    """The TRL settings under which the adapter cannot add or replace rows after scoring, as reasons: image
+    columns (``images``: why) and an aggregation that normalises over the batch first (``aggregation``: why)."""
+    reasons = []
+    columns = set(getattr(dataset, "column_names", None) or ())
+    if columns & set(IMAGE_COLUMNS):
+        reasons.append(f"image columns {sorted(columns & set(IMAGE_COLUMNS))} ({images})")
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        reasons.append(f"multi_objective_aggregation='{args.multi_objective_aggregation}' ({aggregation}; use "
+                       "'sum_then_normalize')")
+    return reasons
+
+
+def with_feature_unless(caps: TrainerCapabilities, feature: str, reasons: list[str]) -> TrainerCapabilities:
+    """``caps`` plus ``feature``, or without it naming ``reasons`` when there are any."""
+    caps = caps.with_features(feature)
+    return caps.without(feature, because="; ".join(reasons)) if reasons else caps
+
+
 def _blockers(args: Any, dataset: Any) -> list[str]:
     """TRL settings under which the adapter cannot refill a batch, as reasons."""
     reasons = []
     if isinstance(dataset, torch.utils.data.IterableDataset):
         reasons.append("an IterableDataset train dataset (new prompts are drawn by index)")
-    columns = set(getattr(dataset, "column_names", None) or ())
-    if columns & set(IMAGE_COLUMNS):
-        reasons.append(f"image columns {sorted(columns & set(IMAGE_COLUMNS))} (multimodal rows are not moved between ranks)")
-    if args.multi_objective_aggregation != "sum_then_normalize":
-        reasons.append(f"multi_objective_aggregation='{args.multi_objective_aggregation}' (TRL normalises over the "
-                       "whole batch before the adapter sees it; use 'sum_then_normalize')")
-    return reasons
+    return reasons + row_editing_blockers(args, dataset, "multimodal rows are not moved between ranks",
+                                          "TRL normalises over the whole batch before the adapter sees it")
 
 
 def with_batch_editing(caps: TrainerCapabilities, args: Any, dataset: Any = None) -> TrainerCapabilities:
     """``caps`` plus ``batch_editing``, unless a TRL setting prevents the refill (then without it, with the reason)."""
-    caps = caps.with_features(FEATURE)
-    reasons = _blockers(args, dataset)
-    return caps.without(FEATURE, because="; ".join(reasons)) if reasons else caps
+    return with_feature_unless(caps, FEATURE, _blockers(args, dataset))
 
 
 def refill_problems(args: Any, composition: "Composition", dataset: Any = None) -> list[str]:
