@@ -171,17 +171,23 @@ class OldPolicyProbe:
         cache_elements: hidden-state elements the probe may keep between passes (a method making two
             passes, e.g. :meth:`sum` then :meth:`map`, runs the forward once while the chunks' hidden
             states fit; 0: every pass runs the forward again).
+        equal_forwards: every rank runs the same number of forwards in each pass, for a ``forward`` that
+            takes part in collectives (FSDP gathers each layer's parameters from every rank): when the
+            chunks are split over the ranks, a rank owning fewer of them (``ceil(C / R)`` at most) runs
+            the forward of its first chunk again and discards it. The cache is then not used (a rank
+            could otherwise skip a forward the others run).
     """
 
     def __init__(self, name: str, num_rows: int, chunks: list[torch.Tensor],
                  forward: Callable[[torch.Tensor], ProbeChunk], parallel: ParallelContext | None = None,
-                 cache_elements: int = 0):
+                 cache_elements: int = 0, equal_forwards: bool = False):
         self.name = name
         self.num_rows = num_rows
         self.chunks = chunks
         self.forward = forward
         self.parallel = parallel or ParallelContext()
-        self.cache_elements = cache_elements
+        self.cache_elements = 0 if equal_forwards else cache_elements
+        self.equal_forwards = equal_forwards
         self.forward_calls = 0
         self._cache: dict[int, ProbeChunk] = {}
         self._cached_elements = 0
@@ -196,6 +202,16 @@ class OldPolicyProbe:
         if self._split_over_ranks():
             return numbered[self.parallel.rank::self.parallel.world_size]
         return numbered
+
+    def _even_out(self, own: list[tuple[int, torch.Tensor]]) -> None:
+        """``equal_forwards``: discarded forwards of this rank's first chunk, up to the most any rank runs."""
+        if not (self.equal_forwards and self._split_over_ranks()):
+            return
+        most = -(-len(self.chunks) // self.parallel.world_size)
+        for _ in range(most - len(own)):
+            self.forward_calls += 1
+            with torch.no_grad():
+                self.forward(own[0][1])
 
     def _run(self, index: int, rows: torch.Tensor) -> ProbeChunk:
         if index in self._cache:
@@ -213,7 +229,8 @@ class OldPolicyProbe:
         """``{key: (N, ...)}``: ``fn(chunk)`` returns ``{key: (n, ...)}`` per-row values for the chunk's
         rows; they are placed at the rows' positions in the batch (every row belongs to one chunk)."""
         out: dict[str, torch.Tensor] = {}
-        for index, rows in self._own_chunks():
+        own = self._own_chunks()
+        for index, rows in own:
             chunk = self._run(index, rows)
             values = fn(chunk)
             for key, value in values.items():
@@ -223,6 +240,7 @@ class OldPolicyProbe:
                 if key not in out:
                     out[key] = value.new_zeros((self.num_rows, *value.shape[1:]))
                 out[key][rows.to(value.device)] = value.detach()
+        self._even_out(own)
         if self._split_over_ranks():
             for value in out.values():
                 dist.all_reduce(value, op=dist.ReduceOp.SUM)  # each row is filled on exactly one rank
@@ -231,15 +249,37 @@ class OldPolicyProbe:
     def sum(self, fn: ChunkFunction) -> dict[str, torch.Tensor]:
         """``{key: tensor}``: the sum of ``fn(chunk)`` over every chunk of the batch (and every rank)."""
         total: dict[str, torch.Tensor] = {}
-        for index, rows in self._own_chunks():
+        own = self._own_chunks()
+        for index, rows in own:
             for key, value in fn(self._run(index, rows)).items():
                 total[key] = value.detach() if key not in total else total[key] + value.detach()
+        self._even_out(own)
         if self._split_over_ranks():
             for value in total.values():
                 dist.all_reduce(value, op=dist.ReduceOp.SUM)
         elif not self.parallel.gathered:
             total = {key: self.parallel.all_reduce_sum(value) for key, value in total.items()}
         return total
+
+
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+"""Model config keys that change the logits after the LM head (a probe rebuilds them as ``head(decoder(x))``)."""
+
+
+def scaled_logits(config: object) -> list[str]:
+    """The :data:`SCALED_LOGITS` keys a model ``config`` sets (to a value other than None or 1)."""
+    return [key for key in SCALED_LOGITS if getattr(config, key, None) not in (None, 1, 1.0)]
+
+
+def head_decoder_problem(model: torch.nn.Module) -> str | None:
+    """Why an adapter's probe cannot rebuild ``model``'s logits as ``head(decoder(x))`` (its decoder's
+    final hidden states through ``get_output_embeddings()``); None when it can."""
+    scaled = scaled_logits(getattr(model, "config", None))
+    if scaled:
+        return f"its config sets {scaled}"
+    if not hasattr(model, "get_decoder") or model.get_output_embeddings() is None:
+        return "it has no separate decoder and LM head"
+    return None
 
 
 def plan_chunks(group_index: torch.Tensor, request: ProbeRequest, default_rows: int) -> list[torch.Tensor]:

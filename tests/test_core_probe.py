@@ -1,6 +1,8 @@
 """The old-policy probe and the update preview of the core (grpo_plugins.probe): chunk planning, streaming,
 logits blocks and top-k, the optimiser previews against torch's own optimisers, and the needs they imply."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,6 +49,44 @@ def test_map_sum_and_cache_against_the_whole_batch():
     assert cached.forward_calls == len(probe.chunks)
     with pytest.raises(ValueError, match="first dimension"):
         probe.map(lambda chunk: {"bad": torch.zeros(chunk.num_rows + 1)})
+
+
+def test_equal_forwards_over_two_gloo_processes(tmp_path, monkeypatch):
+    """Three chunks on two ranks: rank 0 owns two, rank 1 one. With ``equal_forwards`` each rank runs two
+    forwards (rank 1 runs its chunk again and discards it), so a forward taking part in a collective (FSDP's
+    parameter gathers; here an all_reduce) does not hang; the results equal one process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fixtures"))
+    from probe_gloo_worker import probe_batch, rank_main  # importable by the spawned processes
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(rank_main, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    model, batch = LinearProbe(vocab_size=40, max_positions=8), probe_batch()
+    single = model.probe(batch, "p", ProbeRequest(whole_groups=True, max_rows=3))
+    assert len(single.chunks) == 3
+    expected = single.map(lambda chunk: {"log_probs": chunk.log_probs()})["log_probs"]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for got in ranks:
+        torch.testing.assert_close(got["map"], expected)
+        assert float(got["sum"]) == float(batch.completion_mask.sum())
+    assert [got["forwards"] for got in ranks] == [4, 4]  # map and sum: two forwards each on both ranks
+    assert [got["plain_forwards"] for got in ranks] == [2, 1]  # without the option: the round-robin share
+
+
+def test_equal_forwards_on_one_process_changes_nothing():
+    model, batch = LinearProbe(vocab_size=40, max_positions=8), batch_of()
+    probe = model.probe(batch, "p", ProbeRequest(max_rows=2))
+    even = OldPolicyProbe("p", batch.num_completions, probe.chunks, probe.forward, equal_forwards=True,
+                          cache_elements=10**6)
+    torch.testing.assert_close(even.map(lambda chunk: {"x": chunk.log_probs()})["x"],
+                               probe.map(lambda chunk: {"x": chunk.log_probs()})["x"])
+    even.sum(lambda chunk: {"n": chunk.completion_mask.sum()})
+    assert even.forward_calls == 2 * len(probe.chunks)  # the cache is off under equal_forwards
 
 
 def test_logits_blocks_and_top_k():

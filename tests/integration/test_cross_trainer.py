@@ -28,7 +28,7 @@ import grpo_plugins_verl  # noqa: E402
 from grpo_plugins import Composition, CompositionError  # noqa: E402
 from grpo_plugins.conformance import Subject, example_batch, example_row, installed_methods, rows_of  # noqa: E402
 from grpo_plugins.example import Example  # noqa: E402
-from grpo_plugins_trl.testing import trl_loss_on_batch  # noqa: E402
+from grpo_plugins_trl.testing import tiny_model, tiny_tokenizer, trl_loss_on_batch  # noqa: E402
 from grpo_plugins_verl.testing import verl_loss_on_batch  # noqa: E402
 
 AGGREGATIONS = {"dapo": "token-mean", "grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
@@ -47,7 +47,9 @@ STACKS = {
 TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 # One model gives both passes on TRL (its log-probs are fixed in the test), so the old policy's token
 # entropies (GRPOBatch.old_entropies) are the entropies the loss sees; verl gets the same. The old policy's
-# log-probs at other temperatures (GRPOBatch.old_log_probs_at) are the example batch's, on both.
+# log-probs at other temperatures (GRPOBatch.old_log_probs_at) are the example batch's, on both. The old-policy
+# probe (GRPOBatch.probes) runs TRL's tiny model on both: TRL's own, and on verl the same weights (tiny_model(0))
+# through the actor workers' probe, on the same rows (TRL's one-token prompt, then each completion).
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +115,8 @@ def assert_same_on_both(methods: list, example: Example, loss_type: str = "dapo"
     trl, trl_refused = refusal(lambda: trl_loss_on_batch(methods, **data, loss_type=loss_type, max_steps=total_steps,
                                                          dataset=example_dataset(example)))
     verl, verl_refused = refusal(lambda: verl_loss_on_batch(
-        methods, **data, old_entropies=data["entropies"], total_steps=total_steps, loss_agg_mode=AGGREGATIONS[loss_type]))
+        methods, **data, old_entropies=data["entropies"], total_steps=total_steps, loss_agg_mode=AGGREGATIONS[loss_type],
+        probe_model=tiny_model(), prompt_token=tiny_tokenizer().bos_token_id))
     names = [next(iter(m)) if isinstance(m, dict) else m for m in methods]
     assert not (trl_refused and verl_refused), \
         f"{names} run on neither trainer:\nTRL: {trl_refused}\nverl: {verl_refused}"
@@ -178,4 +181,17 @@ def test_old_log_probs_at_other_temperatures_agree_on_trl_and_verl():
     mask = generation_batch(subject.example)["completion_mask"].bool()
     spread = torch.where(mask, verl.advantages, -torch.inf).amax(1) - torch.where(mask, verl.advantages, torch.inf).amin(1)
     assert bool((spread > 0).any())  # the second ratio pi_old^tau / pi_old varies along a correct completion
+    assert verl.grad.abs().sum() > 0
+
+
+def test_old_policy_probe_agrees_on_trl_and_verl():
+    """``tw_grpo`` weights tokens by the group's divergence of the old policy's full distributions
+    (``GRPOBatch.probes``): both adapters run the probe (neither refuses) and give equal token weights,
+    advantages, loss and gradient on one batch."""
+    assert "tw_grpo" in installed_methods(), "tw_grpo is not installed"
+    subject = Subject.of("tw_grpo")
+    trl, verl = assert_same_on_both(subject.run_list(), subject.example)
+    assert trl is not None and verl is not None, "tw_grpo must run on both trainers"
+    mask = generation_batch(subject.example)["completion_mask"].bool()
+    assert bool((verl.token_weights[mask] > 1).any())  # the probe's divergences give weights above 1
     assert verl.grad.abs().sum() > 0

@@ -72,7 +72,9 @@ def test_probe_matches_trl_old_log_probs_and_full_vocabulary_weights():
     assert probe.forward_calls == batch.num_groups
 
 
-def test_probe_refused_on_verl_capabilities():
+def test_probe_refused_on_verl_without_the_grpo_plugins_trainer():
+    """The probe runs on the actor workers through the ``grpo_plugins`` trainer; verl's policy loss registered
+    alone (``verl_capabilities(None)``) cannot provide it."""
     pytest.importorskip("grpo_plugins_verl")
     from grpo_plugins import Composition
     from grpo_plugins_verl.capabilities import verl_capabilities

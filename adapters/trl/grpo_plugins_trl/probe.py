@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from grpo_plugins import CompositionError, TrainerCapabilities
-from grpo_plugins.probe import OldPolicyProbe, ProbeChunk, ProbeRequest, UpdatePreview, local_groups, plan_chunks
+from grpo_plugins.probe import (OldPolicyProbe, ProbeChunk, ProbeRequest, UpdatePreview, head_decoder_problem,
+                                local_groups, plan_chunks)
 
 if TYPE_CHECKING:
     from grpo_plugins import Composition
@@ -45,7 +46,6 @@ CACHE_ELEMENTS = 2**27
 """Hidden-state elements a probe keeps between passes (512 MiB in float32)."""
 PREVIEW_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "sgd")
 """``args.optim`` values whose optimiser the update preview reproduces."""
-SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
 def with_probe(caps: TrainerCapabilities, args: Any) -> TrainerCapabilities:
@@ -77,11 +77,8 @@ def check_model(trainer: "PluginGRPOTrainer") -> None:
     if not wanted:
         return
     methods = trainer.composition.needers("features", "old_policy_probe")
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    config = getattr(model, "config", None)
-    scaled = [key for key in SCALED_LOGITS if getattr(config, key, None) not in (None, 1, 1.0)]
-    if scaled or model.get_output_embeddings() is None or not hasattr(model, "get_decoder"):
-        why = f"its config sets {scaled}" if scaled else "it has no separate decoder and LM head"
+    why = head_decoder_problem(trainer.accelerator.unwrap_model(trainer.model))
+    if why:
         raise CompositionError(f"method(s) {methods} read the old-policy probe, which rebuilds logits as "
                                f"head(decoder(x)); this model's logits are not that ({why})")
 

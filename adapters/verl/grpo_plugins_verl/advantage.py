@@ -29,6 +29,7 @@ from grpo_plugins.surrogates import weight_token_advantages
 
 from grpo_plugins_verl.capabilities import check_run
 from grpo_plugins_verl.extras import TURNS, fit_width
+from grpo_plugins_verl.probe import PENDING
 from grpo_plugins_verl.runtime import Runtime, get_runtime
 from grpo_plugins_verl.settings import REFERENCE_HINT
 
@@ -61,8 +62,8 @@ def extra_fields(extras: dict | None, rows: torch.Tensor, response_mask: torch.T
     """``GRPOBatch`` keyword fields from the trainer's per-row ``extras`` (all ``B`` rows), kept to ``rows``."""
     fields: dict[str, Any] = {}
     for name, value in (extras or {}).items():
-        if name == TURNS:
-            continue  # GRPOBatch.steps: see batch_steps
+        if name in (TURNS, PENDING):
+            continue  # GRPOBatch.steps: see batch_steps; GRPOBatch.probes: set once the batch has its groups
         if isinstance(value, dict):  # old_log_probs_at: {temperature: (B, T)}
             fields[name] = {key: extra_fields({name: part}, rows, response_mask)[name] for key, part in value.items()}
             continue
@@ -186,6 +187,9 @@ def compute_grpo_plugins_advantage(
             steps=batch_steps((runtime.extras or {}).get(TURNS), rows, mask, prompt_ids) if wants_steps else None,
             **extra_fields(runtime.extras, rows, response_mask),
         )
+        pending = (runtime.extras or {}).get(PENDING)
+        if pending is not None:  # the old-policy probes over the stage's rows (grpo_plugins_verl.probe)
+            batch.probes = pending.for_batch(batch, rows)
         check_required(runtime, batch, uids)
         composition.run_advantage_stage(batch)
         if batch.row_data and composition.has_loss_hooks and not runtime.loss_installed:

@@ -20,24 +20,24 @@ from grpo_plugins.needs import TrainerCapabilities
 
 from grpo_plugins_verl.injection import injection_blockers, injection_problems
 from grpo_plugins_verl.objectives import FEATURES, planning_problems, whole_group_blockers
+from grpo_plugins_verl.probe import probe_blockers
 from grpo_plugins_verl.settings import NAME, REFERENCE_HINT
 
 TRAINER = "verl"
 TRAINER_FEATURES = ("prompt_selection", "variable_budgets", "prompt_rewriting", "after_step", "method_state",
-                    "method_setup", "step_generator", "whole_groups", "batch_editing", "row_injection")
+                    "method_setup", "step_generator", "whole_groups", "batch_editing", "row_injection", "old_policy_probe")
 """Features only the ``grpo_plugins`` trainer provides (round planning, ``observe``, state in checkpoints,
 ``setup`` and the run seed, whole groups in micro-batches: :mod:`grpo_plugins_verl.objectives`; ``keep_rows``
 in verl's DAPO filter and refill: :mod:`grpo_plugins_verl.refill`; ``inject_rows``:
-:mod:`grpo_plugins_verl.injection`)."""
+:mod:`grpo_plugins_verl.injection`; the old-policy probe: :mod:`grpo_plugins_verl.probe`)."""
 FETCHED_FIELDS = ("completion_ids", "old_log_probs", "ref_log_probs", "reward_components", "reward_weights",
-                  "prompts", "completions", "rows", "total_steps", "old_entropies", "old_log_probs_at", "steps")
+                  "prompts", "completions", "rows", "total_steps", "old_entropies", "old_log_probs_at", "steps",
+                  "probes")
 """``GRPOBatch`` fields the trainer fetches for the estimator (verl hands it rewards, mask and uid only)."""
 LOSS_FIELDS = ("row_data", "entropies", "ref_log_probs", "step", "group_index")
 """``LossInputs`` fields only the loss the trainer installs on the actor workers fills."""
 NOT_IMPLEMENTED = {
     "update_control": "the verl adapter does not run scale_update yet",
-    "old_policy_probe": "the verl adapter does not run the old-policy probe yet (it needs a probe method on the actor "
-                        "workers giving the decoder's hidden states and the unsharded LM head; adapters/verl/README.md)",
     "update_preview": "the verl adapter does not preview the optimiser's LM-head update yet (the head's optimiser state "
                       "is sharded on the actor workers; adapters/verl/README.md)",
 }
@@ -64,11 +64,11 @@ def verl_capabilities(config: Any = None, columns: Iterable[str] | None = None) 
     trainer (only rewards, the response mask and the uid reach the methods).
     """
     caps = TrainerCapabilities.standard(TRAINER, setting_names=SETTING_NAMES).with_columns(columns)
-    caps = dataclasses.replace(caps.with_features(*FEATURES, "batch_editing", "row_injection"),
-                               batch_fields=caps.batch_fields | {"old_entropies", "old_log_probs_at", "steps"},
+    caps = dataclasses.replace(caps.with_features(*FEATURES, "batch_editing", "row_injection", "old_policy_probe"),
+                               batch_fields=caps.batch_fields | {"old_entropies", "old_log_probs_at", "steps", "probes"},
                                loss_fields=caps.loss_fields | {"group_index"})
     # old_entropies: verl's old-log-prob pass; old_log_probs_at: more passes of it (statistics.py);
-    # steps: a row is one turn ({uid}_{session}_{index}, trainer.py)
+    # steps: a row is one turn ({uid}_{session}_{index}, trainer.py); probes: the actor workers (probe.py)
     for feature, reason in NOT_IMPLEMENTED.items():
         caps = caps.without(feature, because=reason)
     if config is None:
@@ -107,6 +107,8 @@ def verl_capabilities(config: Any = None, columns: Iterable[str] | None = None) 
         caps = caps.without("batch_editing", because=blocker)
     for blocker in injection_blockers(config):
         caps = caps.without("row_injection", because=blocker)
+    for blocker in probe_blockers(config):
+        caps = caps.without("old_policy_probe", "probes", because=blocker)
     return caps
 
 

@@ -27,8 +27,8 @@ Stand-ins (:class:`CPUEngine`, :class:`HFGenerateClient`, :func:`build_worker_gr
 - the FSDP engine -> :class:`CPUEngine`: the HF model on CPU in one process; the forward writes
   log-probs and entropies in the engine's no-padding nested layout, AdamW steps with gradient
   clipping; a one-process gloo group stands in for the data-parallel group;
-- the Ray worker group -> the worker object called in-process (the loss function still goes through
-  a cloudpickle round trip, as ``set_loss_fn`` over Ray does);
+- the Ray worker group -> the worker object called in-process (the loss function and the old-policy
+  probe's jobs and results still go through a cloudpickle round trip, as over Ray);
 - the vLLM server -> :class:`HFGenerateClient`, HF ``generate`` with the actor's own module, so the
   weight sync is a no-op;
 - Ray actors of the agent-loop and reward workers -> the same classes run in this process (the
@@ -245,17 +245,27 @@ class InProcessWorkerGroup:
 
         self.worker.set_loss_fn(cloudpickle.loads(cloudpickle.dumps(loss_fn)))
 
+    def probe_old_policy(self, job) -> list:
+        """The ranks' results (one rank here), the job and the result sent through cloudpickle as over Ray."""
+        import ray.cloudpickle as cloudpickle
+
+        result = self.worker.probe_old_policy(cloudpickle.loads(cloudpickle.dumps(job)))
+        return [cloudpickle.loads(cloudpickle.dumps(result))]
+
     def __getattr__(self, name: str):
         return getattr(self.worker, name)
 
 
 def build_worker_group(config: Any, model: torch.nn.Module) -> InProcessWorkerGroup:
     """The actor worker as ``ActorRolloutRefWorker.init_model`` configures it (actor engine config,
-    ``partial(ppo_loss, config=ActorConfig)``), plus a frozen reference copy when verl needs one."""
+    ``partial(ppo_loss, config=ActorConfig)``), plus a frozen reference copy when verl needs one. Its class is
+    the adapter's :class:`~grpo_plugins_verl.workers.ProbeActorRolloutRefWorker` (verl's worker plus the
+    old-policy probe)."""
     from verl.trainer.ppo.utils import need_reference_policy
     from verl.utils.config import omega_conf_to_dataclass
-    from verl.workers.engine_workers import ActorRolloutRefWorker
     from verl.workers.utils.losses import ppo_loss
+
+    from grpo_plugins_verl.workers import ProbeActorRolloutRefWorker
 
     arr = config.actor_rollout_ref
     model_config = omega_conf_to_dataclass(arr.model)
@@ -269,7 +279,7 @@ def build_worker_group(config: Any, model: torch.nn.Module) -> InProcessWorkerGr
     engine_config.max_token_len_per_gpu = arr.actor.ppo_max_token_len_per_gpu
     engine = CPUEngine(model, lr=float(arr.actor.optim.lr), clip_grad=float(arr.actor.optim.clip_grad))
 
-    worker = object.__new__(ActorRolloutRefWorker)
+    worker = object.__new__(ProbeActorRolloutRefWorker)
     worker.config = arr
     worker.role = "actor_rollout_ref"
     worker.enable_routing_replay = False

@@ -11,6 +11,9 @@ and, before verl starts Ray:
   and plugin state in checkpoints);
 - exports ``GRPO_PLUGINS_VERL`` in this process and in Ray's ``runtime_env`` so every worker
   (on every node) builds the same methods.
+
+The ``grpo_plugins`` trainer then builds the actor worker group from
+:class:`~grpo_plugins_verl.workers.ProbeActorRolloutRefWorker` when a method reads the old-policy probe.
 """
 
 from __future__ import annotations

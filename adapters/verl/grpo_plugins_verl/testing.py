@@ -90,6 +90,47 @@ def run_config(*overrides: str) -> Any:
         return compose(config_name="ppo_trainer", overrides=list(overrides))
 
 
+def probe_inputs(prompt: Sequence[int], completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> dict:
+    """``{"row-<i>": {field: (j,) tensor}}``: each completion's real tokens after ``prompt``, the fields verl's
+    agent loop writes to TransferQueue (:data:`grpo_plugins_verl.probe.INPUT_FIELDS`)."""
+    rows = {}
+    for i, (ids, mask) in enumerate(zip(completion_ids.long(), completion_mask.bool())):
+        response = ids[mask]
+        input_ids = torch.cat([torch.as_tensor(list(prompt), dtype=torch.long), response])
+        rows[f"row-{i}"] = {"input_ids": input_ids, "position_ids": torch.arange(input_ids.numel()),
+                            "responses": response, "response_mask": torch.ones_like(response)}
+    return rows
+
+
+def stand_in_model(vocab_size: int) -> torch.nn.Module:
+    """A tiny random Qwen2 causal LM (hidden 32, 2 layers, seed 0) over ``vocab_size`` tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=256, tie_word_embeddings=True)).eval()
+
+
+def local_probe(model: torch.nn.Module, inputs: Mapping[str, Mapping[str, torch.Tensor]]):
+    """The actor worker group's ``probe_old_policy`` in this process: one rank running
+    :func:`~grpo_plugins_verl.probe.run_job` on ``model`` (the CPU engine stand-in), the job sent through
+    cloudpickle as over Ray, the rows read from ``inputs`` (:func:`probe_inputs`) in place of TransferQueue."""
+    from ray import cloudpickle
+
+    from grpo_plugins_verl.cpu_fit import CPUEngine
+    from grpo_plugins_verl.probe import INPUT_FIELDS, run_job
+
+    engine = CPUEngine(model, trainable=False)
+
+    def fetch(keys: list[str], partition_id: str) -> dict[str, torch.Tensor]:
+        return {field: torch.nested.nested_tensor([inputs[key][field] for key in keys], layout=torch.jagged)
+                for field in INPUT_FIELDS}
+
+    return lambda job: [run_job(engine, cloudpickle.loads(cloudpickle.dumps(job)), fetch)]
+
+
 @dataclass
 class VerlLossOnBatch:
     """What :func:`verl_loss_on_batch` returns (the verl half of a cross-adapter check).
@@ -129,6 +170,8 @@ def verl_loss_on_batch(
     old_log_probs_at: dict[float, torch.Tensor] | None = None,
     total_steps: int | None = None,
     loss_agg_mode: str = "token-mean",
+    probe_model: torch.nn.Module | None = None,
+    prompt_token: int = 1,
     **actor_fields: Any,
 ) -> VerlLossOnBatch:
     """One fixed generation batch through the verl adapter's estimator (as the ``grpo_plugins`` trainer
@@ -138,8 +181,10 @@ def verl_loss_on_batch(
     Arguments as :func:`grpo_plugins_trl.testing.trl_loss_on_batch` (``completion_mask`` right-padded,
     every completion at least one token); ``old_entropies`` ``(N, T)`` are the old-log-prob pass's token
     entropies (``GRPOBatch.old_entropies``); ``old_log_probs_at`` ``{temperature: (N, T)}`` the actor's passes at
-    other temperatures (``GRPOBatch.old_log_probs_at``); ``loss_agg_mode`` and ``actor_fields`` configure verl's
-    ``ActorConfig``.
+    other temperatures (``GRPOBatch.old_log_probs_at``); ``probe_model``: the old policy the actor workers'
+    probe runs (:func:`local_probe`; rows are ``prompt_token`` + each completion) when a method reads a probe
+    (None: :func:`stand_in_model` over the batch's token ids);
+    ``loss_agg_mode`` and ``actor_fields`` configure verl's ``ActorConfig``.
 
     Raises:
         CompositionError: the trainer's start-up capability check refuses the methods for this run
@@ -189,6 +234,13 @@ def verl_loss_on_batch(
                          f"data.train_batch_size={sizes.numel()}", f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes.numel()}",
                          *(("actor_rollout_ref.actor.use_kl_loss=True",) if ref_log_probs is not None else ()))
     check_run(runtime.composition, checked, columns=list(rows[0]) if rows else None)  # the trainer's start-up check
+    from grpo_plugins_verl.probe import PENDING, PendingProbes, requests
+
+    wanted = requests(runtime.composition)
+    if wanted:  # the actor workers' probe, in this process (the trainer's pending probes)
+        model = probe_model or stand_in_model(max(int(completion_ids.max()), prompt_token) + 1)
+        inputs = probe_inputs([prompt_token], completion_ids, mask)
+        extras[PENDING] = PendingProbes(local_probe(model, inputs), list(inputs), "train", wanted, 1.0, n)
     runtime.composition.run_setup(objectives.run_context(checked, None, n, total_steps, verl_capabilities(checked).settings))
     token_rewards = torch.zeros(n, t)
     token_rewards[torch.arange(n), lengths - 1] = rewards.float()  # verl's score on the last response token

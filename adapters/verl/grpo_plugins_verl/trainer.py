@@ -13,7 +13,8 @@
   (:mod:`grpo_plugins_verl.extras`), with each row's turn of its trajectory (``GRPOBatch.steps``, from
   the keys ``{uid}_{session}_{index}``) when a method needs it, and the stage's metrics go into
   verl's step metrics; log-probs at the other temperatures a method reads (``old_log_probs_at``) come
-  from more passes of the actor's ``compute_log_prob`` before verl's own (:mod:`grpo_plugins_verl.statistics`);
+  from more passes of the actor's ``compute_log_prob`` before verl's own (:mod:`grpo_plugins_verl.statistics`),
+  and the old-policy probes methods read run on the actor workers (:mod:`grpo_plugins_verl.probe`);
 - ``observe`` runs after each actor update, with the batch the advantage stage saw;
 - ``setup`` runs once the dataset is loaded (and in each actor worker); each row's group travels to
   the loss, and the actor batch is ordered by whole groups when a method needs them
@@ -50,7 +51,7 @@ from verl.workers.utils.padding import response_to_nested
 from grpo_plugins import Composition, CompositionError, PromptRound
 from grpo_plugins.objectives import whole_group_methods
 
-from grpo_plugins_verl import injection, objectives, refill, statistics
+from grpo_plugins_verl import injection, objectives, probe, refill, statistics
 from grpo_plugins_verl.capabilities import check_run, verl_capabilities
 from grpo_plugins_verl.extras import ROW_FIELDS, batch_extras
 from grpo_plugins_verl.loss import ROW_PREFIX, STEP, TOKEN_WEIGHTS, grpo_plugins_ppo_loss
@@ -202,6 +203,13 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         self.prompt_generator = torch.Generator().manual_seed(int(config.data.get("seed", None) or 1))
         self.injection = injection.Injection.install(self)  # inject_rows: rows join each step's batch
 
+    def _init_resource_pool_mgr(self):
+        """verl's worker mapping; the actor's worker class runs the old-policy probe when a method reads one."""
+        super()._init_resource_pool_mgr()
+        from grpo_plugins_verl.workers import use_probe_worker
+
+        use_probe_worker(self.role_worker_mapping, self.grpo_plugins.composition)
+
     def _build_replay_buffer(self):
         """verl's replay buffer; with batch editing, verl's sync buffer whose DAPO classification also asks the
         ``keep_rows`` methods (:class:`~grpo_plugins_verl.refill.PluginReplayBuffer`)."""
@@ -334,6 +342,7 @@ class GRPOPluginsTrainer(PPOTrainerSync):
             step_fields="steps" in required,
         )
         statistics.add_field(self, batch.keys)  # old_log_probs_at, when a method reads it
+        probe.add_field(self, batch)  # GRPOBatch.probes, when a method reads one
         injection.add_field(self, batch.keys)  # row_data["injected"], when a method injects rows
         try:
             batch = super()._compute_advantage(batch, metrics)
