@@ -7,7 +7,9 @@ Fixtures:
         for one test.
 Helpers:
     :func:`make_batch`, :func:`run_advantage_stage`, :class:`BatchRecorder` (a method keeping every batch
-    ``observe`` sees); for a method's speed notes :func:`best_of`
+    ``observe`` sees); for prompt samplers :func:`play_sampler_rounds` (plan rounds and observe their
+    outcomes), :func:`resumed_sampler_rounds` (a run saved and resumed mid-way against a straight one) and
+    :class:`FirstPrompts` (a second sampler, for conflict tests); for a method's speed notes :func:`best_of`
     and :func:`cpu_single_thread`.
 Option:
     ``--grpo-plugins-conformance=NAME``: run the conformance suite (:mod:`grpo_plugins.conformance`)
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
 
-from grpo_plugins.batch import GRPOBatch
+from grpo_plugins.batch import GRPOBatch, PromptRound
 from grpo_plugins.composition import Composition
 from grpo_plugins import hookimpl
 from grpo_plugins.method import Method
@@ -96,6 +99,65 @@ class BatchRecorder(Method):
     def observe(self, batch: GRPOBatch, step: int) -> None:
         self.batches.append(batch)
         self.steps.append(step)
+
+
+class FirstPrompts(Method):
+    """A prompt sampler that draws the first ``num_prompts`` prompts of the dataset (cycling): a second
+    provider of ``sample_prompts``, for a sampler's conflict tests."""
+
+    name = "first_prompts"
+
+    @hookimpl
+    def sample_prompts(self, round: PromptRound, generator: torch.Generator) -> torch.Tensor:
+        return torch.arange(round.num_prompts) % round.dataset_size
+
+
+def sampler_outcomes(prompt_ids: torch.Tensor, counts: torch.Tensor) -> GRPOBatch:
+    """The scored batch of a planned round: ``counts[i]`` completions of prompt ``prompt_ids[i]`` with a
+    deterministic 0/1 reward ``(5 p + row) mod 3 == 0`` and 5 completion tokens ``(p + k·row) mod 7``."""
+    rows = torch.repeat_interleave(prompt_ids, counts)
+    index = torch.arange(rows.numel())
+    return GRPOBatch(prompt_ids=rows, rewards=((rows * 5 + index) % 3 == 0).float(),
+                     completion_ids=(rows[:, None] + torch.arange(5) * index[:, None]) % 7,
+                     completion_mask=torch.ones(rows.numel(), 5))
+
+
+def play_sampler_rounds(composition: Composition, generator: torch.Generator, plan: Callable[[int], PromptRound],
+                        rounds: int, start: int = 0,
+                        outcomes: Callable[[torch.Tensor, torch.Tensor], GRPOBatch] = sampler_outcomes) -> list:
+    """Rounds ``start .. start + rounds - 1``: plan each (``plan(r)``) with the composition's
+    ``sample_prompts`` and ``rollout_counts``, then ``observe`` its ``outcomes`` at step ``r + 1``.
+    Returns ``[(prompt ids, rollout counts)]`` per round, as lists."""
+    out = []
+    for r in range(start, start + rounds):
+        round_ = plan(r)
+        ids = composition.run_sample_prompts(round_, generator)
+        counts = composition.rollout_counts(round_, ids)
+        out.append((ids.tolist(), counts.tolist()))
+        composition.run_observe(outcomes(ids, counts), r + 1)
+    return out
+
+
+def resumed_sampler_rounds(methods: Sequence[Any] | Callable[[], Sequence[Any]], directory: str | Path,
+                           plan: Callable[[int], PromptRound], seed: int = 0, rounds: int = 9,
+                           resume_at: int = 6) -> tuple[list, list]:
+    """``(straight, resumed)``: the rounds of one uninterrupted run of ``methods``, and of a run saved after
+    ``resume_at`` rounds (state in ``directory``), loaded into a new composition and continued with the
+    generator's state; a sampler that checkpoints all it needs gives equal lists.
+
+    ``methods``: names and configs (each run builds new method objects), or a function returning a new
+    method list (for method objects, which a composition does not copy)."""
+    build = methods if callable(methods) else (lambda: methods)
+    straight = play_sampler_rounds(Composition(build()), torch.Generator().manual_seed(seed), plan, rounds)
+    first, generator = Composition(build()), torch.Generator().manual_seed(seed)
+    head = play_sampler_rounds(first, generator, plan, resume_at)
+    path = Path(directory) / "state.pt"
+    first.save(path)
+    resumed = Composition(build())
+    resumed.load(path)
+    tail = play_sampler_rounds(resumed, torch.Generator().set_state(generator.get_state()), plan,
+                               rounds - resume_at, start=resume_at)
+    return straight, head + tail
 
 
 def run_advantage_stage(methods: Sequence[Any], batch: GRPOBatch, **kwargs: Any) -> GRPOBatch:

@@ -61,3 +61,43 @@ def test_a_configured_grpo_object_stays_the_replaceable_default():
 def test_a_method_object_needs_a_name():
     with pytest.raises(CompositionError, match="method object Method has no name"):
         Composition([Method()])
+
+
+class CountingSampler(Method):
+    """Draws prompt ``k mod D`` in round ``k`` (``k``: batches observed); ``keeps_state`` decides whether the
+    count is checkpointed."""
+
+    name = "counting_sampler"
+
+    def __init__(self, keeps_state: bool):
+        super().__init__()
+        self.keeps_state, self.seen = keeps_state, 0
+
+    @hookimpl
+    def sample_prompts(self, round, generator):
+        return (torch.arange(round.num_prompts) + self.seen) % round.dataset_size
+
+    @hookimpl
+    def observe(self, batch, step):
+        self.seen += 1
+
+    def state_dict(self):
+        return {"seen": self.seen} if self.keeps_state else {}
+
+    def load_state_dict(self, state):
+        self.seen = state.get("seen", 0)
+
+
+def test_resumed_sampler_rounds_tell_a_sampler_that_forgets_its_state(tmp_path):
+    from grpo_plugins import PromptRound
+    from grpo_plugins.testing import FirstPrompts, play_sampler_rounds, resumed_sampler_rounds
+
+    def plan(r):
+        return PromptRound(num_prompts=2, budget=6, dataset_size=5, step=r, default_rollouts=3)
+
+    straight, resumed = resumed_sampler_rounds(lambda: [CountingSampler(True)], tmp_path, plan, rounds=4, resume_at=2)
+    assert straight == resumed == [([0, 1], [3, 3]), ([1, 2], [3, 3]), ([2, 3], [3, 3]), ([3, 4], [3, 3])]
+    straight, resumed = resumed_sampler_rounds(lambda: [CountingSampler(False)], tmp_path, plan, rounds=4, resume_at=2)
+    assert resumed[2] == ([0, 1], [3, 3]) != straight[2]  # the count restarted at 0 after the resume
+    rounds = play_sampler_rounds(Composition([FirstPrompts()]), torch.Generator(), plan, 2)
+    assert rounds == [([0, 1], [3, 3])] * 2

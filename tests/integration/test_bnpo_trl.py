@@ -3,7 +3,6 @@ the loss used are BNPO's, recomputed from the gathered batch by the plugin's ten
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -12,17 +11,12 @@ pytest.importorskip("trl")
 import torch  # noqa: E402
 
 from grpo_plugin_bnpo import bnpo_advantages  # noqa: E402
-from grpo_plugins_trl.testing import digit_overlap_reward, tiny_grpo_run  # noqa: E402
+from grpo_plugins_trl.testing import digit_overlap_reward, finite_losses, tiny_grpo_run  # noqa: E402
 
 
 def unit_overlap_reward(completions, answer, **kwargs):
     """The dense digit-overlap score clipped to [0, 1] (BNPO's default reward range)."""
     return [min(max(x, 0.0), 1.0) for x in digit_overlap_reward(completions, answer)]
-
-
-def finite_losses(trainer) -> bool:
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return bool(losses) and all(math.isfinite(float(x)) for x in losses)
 
 
 @pytest.mark.parametrize("methods", [["bnpo"], ["bnpo", "llds"]], ids=["alone", "with_llds"])

@@ -3,7 +3,6 @@ advantages the loss used are DGPO's, recomputed from the gathered batch by the p
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -13,12 +12,7 @@ import torch  # noqa: E402
 
 from grpo_plugin_dgpo import dgae_advantages, difficulty_weights, group_accuracy, valid_token_ratio  # noqa: E402
 from grpo_plugins.ops import segment_max, segment_min  # noqa: E402
-from grpo_plugins_trl.testing import digit_overlap_reward, exact_answer_reward, tiny_grpo_run  # noqa: E402
-
-
-def finite_losses(trainer) -> bool:
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return bool(losses) and all(math.isfinite(float(x)) for x in losses)
+from grpo_plugins_trl.testing import digit_overlap_reward, exact_answer_reward, finite_losses, tiny_grpo_run  # noqa: E402
 
 
 def expected_dgpo(batch) -> torch.Tensor:

@@ -2,44 +2,15 @@
 every policy token of a trajectory carries the trajectory's group-relative outcome advantage, environment
 tokens none; with ``turn_weighting='nested'`` each trajectory's tokens weigh 1/(T_i |a_it|) in the loss."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("trl")
 
 import torch  # noqa: E402
 
-from grpo_plugins import CompositionError, Method, hookimpl  # noqa: E402
+from grpo_plugins import CompositionError  # noqa: E402
 from grpo_plugins.steps import token_step_index  # noqa: E402
-from grpo_plugins_trl.testing import tiny_grpo_run  # noqa: E402
-
-spec = importlib.util.spec_from_file_location(
-    "corridor", Path(__file__).resolve().parents[2] / "examples" / "multi_turn" / "corridor.py")
-corridor = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(corridor)
-
-SETTINGS = dict(max_completion_length=16, per_device_train_batch_size=8, num_generations=4,
-                gradient_accumulation_steps=1)
-
-
-class Recorder(Method):
-    name = "recorder"
-
-    def __init__(self):
-        super().__init__()
-        self.batches = []
-
-    @hookimpl
-    def observe(self, batch):
-        self.batches.append(batch)
-
-
-def run(methods, **overrides):
-    torch.manual_seed(0)
-    return tiny_grpo_run(methods, dataset=corridor.corridor_dataset(8), reward_funcs=corridor.reached_goal,
-                         rollout_func=corridor.make_rollout(), **{**SETTINGS, **overrides})
+from grpo_plugins.testing import BatchRecorder  # noqa: E402
 
 
 def expected_row_advantages(batch) -> torch.Tensor:
@@ -66,9 +37,9 @@ def check_turn_broadcast(batch) -> None:
                               rtol=1e-5, atol=1e-6)
 
 
-def test_flow_grpo_broadcasts_the_outcome_advantage_to_every_turn():
-    recorder = Recorder()
-    trainer = run(["flow_grpo", recorder], max_steps=2)
+def test_flow_grpo_broadcasts_the_outcome_advantage_to_every_turn(corridor_run):
+    recorder = BatchRecorder()
+    trainer = corridor_run(["flow_grpo", recorder], max_steps=2)
     for batch in recorder.batches:
         check_turn_broadcast(batch)
     assert any(bool((b.advantages != 0).any()) for b in recorder.batches)  # some group had signal
@@ -77,11 +48,11 @@ def test_flow_grpo_broadcasts_the_outcome_advantage_to_every_turn():
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in trainer.state.log_history if "loss" in row)
 
 
-def test_nested_turn_weighting_composed_with_sapo():
+def test_nested_turn_weighting_composed_with_sapo(corridor_run):
     """The paper's averaging under SAPO's loss (a sequence mean): each trajectory's token weights sum to 1
     (1/T_i per turn, spread over its tokens), 0 on observation tokens; the advantages stay Flow-GRPO's."""
-    recorder = Recorder()
-    trainer = run([{"flow_grpo": {"turn_weighting": "nested"}}, "sapo", recorder], max_steps=1, loss_type="sapo")
+    recorder = BatchRecorder()
+    trainer = corridor_run([{"flow_grpo": {"turn_weighting": "nested"}}, "sapo", recorder], max_steps=1, loss_type="sapo")
     batch = recorder.batches[-1]
     check_turn_broadcast(batch)
     weight, mask = batch.row_data["flow_grpo_turn_weight"], batch.completion_mask > 0
@@ -95,6 +66,6 @@ def test_nested_turn_weighting_composed_with_sapo():
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in trainer.state.log_history if "loss" in row)
 
 
-def test_nested_turn_weighting_is_refused_with_a_token_mean_loss():
+def test_nested_turn_weighting_is_refused_with_a_token_mean_loss(corridor_run):
     with pytest.raises(CompositionError, match=r"flow_grpo.*loss_type"):
-        run([{"flow_grpo": {"turn_weighting": "nested"}}], max_steps=1, loss_type="dapo")
+        corridor_run([{"flow_grpo": {"turn_weighting": "nested"}}], max_steps=1, loss_type="dapo")

@@ -4,7 +4,6 @@ with round 1's ``sapo``."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -12,7 +11,7 @@ pytest.importorskip("trl")
 
 import torch  # noqa: E402
 
-from grpo_plugins_trl.testing import completion_text, digit_overlap_reward, tiny_grpo_run  # noqa: E402
+from grpo_plugins_trl.testing import completion_text, digit_overlap_reward, finite_losses, tiny_grpo_run  # noqa: E402
 
 
 def accuracy(completions, answer, **kwargs):
@@ -31,11 +30,6 @@ def aux(completions, **kwargs):
 
 
 REWARDS = [accuracy, format, aux]
-
-
-def finite_losses(trainer) -> bool:
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return bool(losses) and all(math.isfinite(float(x)) for x in losses)
 
 
 def shaped_by_hand(batch) -> list[float]:

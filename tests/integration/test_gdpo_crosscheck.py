@@ -16,11 +16,12 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
 from trl.trainer.utils import nanstd  # noqa: E402, F401  (the helper TRL's normalize_then_sum uses)
 from verl.trainer.ppo.core_algos import get_adv_estimator_fn  # noqa: E402
 
 from grpo_plugins import Composition, GRPOBatch  # noqa: E402
+from grpo_plugins_trl.testing import recording_trl  # noqa: E402
 
 
 def batch_of(components, prompt_ids, weights=None) -> GRPOBatch:
@@ -41,17 +42,7 @@ def advantages(methods, batch, **config):
 
 # ----------------------------------------------------------------- TRL's own computation
 def _tiny_trl_trainer(reward_funcs, weights, out_dir):
-    class Recording(GRPOTrainer):
-        """Records the gathered per-function rewards and the advantages TRL computes from them."""
-
-        def _calculate_rewards(self, *args, **kwargs):
-            self.recorded_rewards = super()._calculate_rewards(*args, **kwargs)
-            return self.recorded_rewards
-
-        def _generate_and_score_completions(self, inputs):
-            out = super()._generate_and_score_completions(inputs)
-            self.recorded_advantages = out["advantages"].clone()
-            return out
+    Recording = recording_trl()
 
     words = "a b c d e f g h".split()
     vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>", "<eos>"] + words)}

@@ -2,9 +2,6 @@
 the adapter turns the rollout's ``env_mask`` and ``step_keys`` into ``GRPOBatch.steps``, and the advantages
 are GiGPO's, per step, on the policy's tokens only."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("trl")
@@ -12,28 +9,13 @@ pytest.importorskip("trl")
 import torch  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
-from grpo_plugins.testing import BatchRecorder  # noqa: E402
 from grpo_plugins import Composition  # noqa: E402
-from grpo_plugins_trl.testing import tiny_grpo_run  # noqa: E402
-
-spec = importlib.util.spec_from_file_location(
-    "corridor", Path(__file__).resolve().parents[2] / "examples" / "multi_turn" / "corridor.py")
-corridor = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(corridor)
-
-SETTINGS = dict(max_completion_length=16, per_device_train_batch_size=8, num_generations=4,
-                gradient_accumulation_steps=1)
+from grpo_plugins.testing import BatchRecorder  # noqa: E402
 
 
-def run(methods, **overrides):
-    torch.manual_seed(0)
-    return tiny_grpo_run(methods, dataset=corridor.corridor_dataset(8), reward_funcs=corridor.reached_goal,
-                         rollout_func=corridor.make_rollout(), **{**SETTINGS, **overrides})
-
-
-def test_gigpo_trains_on_multi_turn_trajectories():
+def test_gigpo_trains_on_multi_turn_trajectories(corridor_run, corridor):
     recorder = BatchRecorder()
-    trainer = run(["gigpo", recorder], max_steps=2)
+    trainer = corridor_run(["gigpo", recorder], max_steps=2)
     batch = recorder.batches[-1]
     steps = batch.steps
     assert steps is not None and int(steps.turn.max()) >= 1  # several turns per trajectory
@@ -58,29 +40,28 @@ def test_gigpo_trains_on_multi_turn_trajectories():
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in trainer.state.log_history if "loss" in row)
 
 
-def test_gigpo_composes_with_a_loss_method():
+def test_gigpo_composes_with_a_loss_method(corridor_run):
     recorder = BatchRecorder()
-    run(["gigpo", "sapo", recorder], max_steps=1)
+    corridor_run(["gigpo", "sapo", recorder], max_steps=1)
     assert recorder.batches and recorder.batches[-1].advantages.dim() == 2
 
 
-def test_without_a_method_needing_steps_the_multi_turn_run_is_trls():
+def test_without_a_method_needing_steps_the_multi_turn_run_is_trls(corridor_run):
     """No method: TRL's own code path (the rollout, env_mask and rewards untouched), bit for bit."""
-    plain = run(None, trainer_cls=GRPOTrainer, max_steps=2)
-    ours = run([], max_steps=2)
+    plain = corridor_run(None, trainer_cls=GRPOTrainer, max_steps=2)
+    ours = corridor_run([], max_steps=2)
     for a, b in zip(plain.model.parameters(), ours.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
-def test_a_step_field_of_the_wrong_length_names_the_row():
+def test_a_step_field_of_the_wrong_length_names_the_row(corridor_run, corridor):
     def short_keys(prompts, trainer):
         out = corridor.make_rollout()(prompts, trainer)
         out["step_keys"][1] = out["step_keys"][1] + [7]
         return out
 
     with pytest.raises(Exception, match=r"'step_keys' holds \d+ value\(s\) for row 1"):
-        tiny_grpo_run(["gigpo"], dataset=corridor.corridor_dataset(8), reward_funcs=corridor.reached_goal,
-                      rollout_func=short_keys, max_steps=1, **SETTINGS)
+        corridor_run(["gigpo"], rollout_func=short_keys, max_steps=1)
 
 
 def test_gigpo_is_refused_where_the_trainer_gives_no_steps():

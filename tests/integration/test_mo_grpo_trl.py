@@ -3,17 +3,22 @@ weights (the cross-check), two tiny steps alone, and composed with round 1's ``g
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
 pytest.importorskip("trl")
 
 import torch  # noqa: E402
-from trl import GRPOTrainer  # noqa: E402
 
 from grpo_plugins import Composition, GRPOBatch  # noqa: E402
-from grpo_plugins_trl.testing import completion_text, digit_overlap_reward, exact_answer_reward, tiny_grpo_run  # noqa: E402
+from grpo_plugins_trl.testing import (  # noqa: E402
+    completion_text,
+    digit_overlap_reward,
+    exact_answer_reward,
+    finite_losses,
+    recording_trl,
+    tiny_grpo_run,
+)
 
 WEIGHTS = [2.0, 1.0, 1.0]
 NORMALISED = torch.tensor(WEIGHTS) / sum(WEIGHTS)
@@ -37,22 +42,7 @@ def truthfulness(completions, answer, **kwargs):
 ASPECTS = [safety, helpfulness, truthfulness]
 
 
-class RecordingTRL(GRPOTrainer):
-    """Plain TRL; keeps the gathered per-function rewards and the advantages TRL computes from them."""
-
-    def _calculate_rewards(self, *args, **kwargs):
-        self.recorded_rewards = super()._calculate_rewards(*args, **kwargs)
-        return self.recorded_rewards
-
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        self.recorded_advantages = out["advantages"].clone()
-        return out
-
-
-def finite_losses(trainer) -> bool:
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return bool(losses) and all(math.isfinite(float(x)) for x in losses)
+RecordingTRL = recording_trl()
 
 
 def test_equals_trl_reward_weights():

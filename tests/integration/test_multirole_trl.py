@@ -4,13 +4,12 @@ round 1's ``llds``."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
 pytest.importorskip("trl")
 
-from grpo_plugins_trl.testing import completion_text, digit_overlap_reward, tiny_grpo_run  # noqa: E402
+from grpo_plugins_trl.testing import completion_text, digit_overlap_reward, finite_losses, tiny_grpo_run  # noqa: E402
 
 
 def accuracy(completions, answer, **kwargs):
@@ -24,11 +23,6 @@ def roles(completions, **kwargs):
 
 
 REWARDS = [accuracy, roles]
-
-
-def finite_losses(trainer) -> bool:
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return bool(losses) and all(math.isfinite(float(x)) for x in losses)
 
 
 def shaped_by_hand(batch) -> list[float]:

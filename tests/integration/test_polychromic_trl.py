@@ -3,7 +3,6 @@ advantages the loss used are the set advantages drawn with the documented per-st
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -12,12 +11,7 @@ pytest.importorskip("trl")
 import torch  # noqa: E402
 
 from grpo_plugin_polychromic import diversity_keys, polychromic_advantages  # noqa: E402
-from grpo_plugins_trl.testing import digit_overlap_reward, tiny_grpo_run  # noqa: E402
-
-
-def finite_losses(trainer) -> bool:
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return bool(losses) and all(math.isfinite(float(x)) for x in losses)
+from grpo_plugins_trl.testing import digit_overlap_reward, finite_losses, tiny_grpo_run  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from trl import GRPOTrainer  # noqa: E402
 from grpo_plugins import Composition, Method, hookimpl  # noqa: E402
 from grpo_plugins_trl.testing import (  # noqa: E402
     GradientRecorder,
+    finite_losses,
     arithmetic_dataset,
     completion_text,
     digit_overlap_reward,
@@ -26,11 +27,6 @@ from grpo_plugins_trl.testing import (  # noqa: E402
     tiny_grpo_run,
 )
 from grpo_plugin_gdpo import gdpo_advantages  # noqa: E402
-
-
-def finite_losses(trainer) -> bool:
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return bool(losses) and all(math.isfinite(float(x)) for x in losses)
 
 
 def plugin_rows(trainer, key: str) -> list:

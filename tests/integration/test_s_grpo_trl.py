@@ -3,17 +3,21 @@ suggestion rewards (the cross-check), two tiny steps alone, and composed with ro
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
 pytest.importorskip("trl")
 
 import torch  # noqa: E402
-from trl import GRPOTrainer  # noqa: E402
 
 from grpo_plugins import Composition, GRPOBatch  # noqa: E402
-from grpo_plugins_trl.testing import arithmetic_dataset, completion_text, tiny_grpo_run  # noqa: E402
+from grpo_plugins_trl.testing import (  # noqa: E402
+    arithmetic_dataset,
+    completion_text,
+    finite_losses,
+    recording_trl,
+    tiny_grpo_run,
+)
 
 WEIGHTS = {"format_weight": 0.5, "accuracy_weight": 2.0, "suggestion_weight": 1.5}
 TRL_WEIGHTS = [0.5, 2.0, 1.5]
@@ -42,23 +46,12 @@ def suggestion(completions, answer, label, **kwargs):
 REWARDS = [format, accuracy, suggestion]
 
 
-class RecordingTRL(GRPOTrainer):
-    """Plain TRL; keeps the gathered per-function rewards, the gold labels and TRL's advantages."""
+class RecordingTRL(recording_trl()):
+    """Plain TRL recording rewards and advantages, and the gold labels of the latest batch."""
 
     def _calculate_rewards(self, inputs, *args, **kwargs):
         self.recorded_labels = [row["label"] for row in inputs]
-        self.recorded_rewards = super()._calculate_rewards(inputs, *args, **kwargs)
-        return self.recorded_rewards
-
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        self.recorded_advantages = out["advantages"].clone()
-        return out
-
-
-def finite_losses(trainer) -> bool:
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return bool(losses) and all(math.isfinite(float(x)) for x in losses)
+        return super()._calculate_rewards(inputs, *args, **kwargs)
 
 
 def test_equals_trl_reward_weights():

@@ -3,43 +3,13 @@ adapter's step records (turn spans from ``env_mask``, the cells as ``step_keys``
 build the trajectory graph; every policy token gets the mean outcome advantage of the trajectories sharing
 its step's edge, recomputed here by hand from the recorded batch."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("trl")
 
 import torch  # noqa: E402
 
-from grpo_plugins import Method, hookimpl  # noqa: E402
-from grpo_plugins_trl.testing import tiny_grpo_run  # noqa: E402
-
-spec = importlib.util.spec_from_file_location(
-    "corridor", Path(__file__).resolve().parents[2] / "examples" / "multi_turn" / "corridor.py")
-corridor = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(corridor)
-
-SETTINGS = dict(max_completion_length=16, per_device_train_batch_size=8, num_generations=4,
-                gradient_accumulation_steps=1)
-
-
-class Recorder(Method):
-    name = "recorder"
-
-    def __init__(self):
-        super().__init__()
-        self.batches = []
-
-    @hookimpl
-    def observe(self, batch):
-        self.batches.append(batch)
-
-
-def run(methods, **overrides):
-    torch.manual_seed(0)
-    return tiny_grpo_run(methods, dataset=corridor.corridor_dataset(8), reward_funcs=corridor.reached_goal,
-                         rollout_func=corridor.make_rollout(), **{**SETTINGS, **overrides})
+from grpo_plugins.testing import BatchRecorder  # noqa: E402
 
 
 def expected_step_advantages(batch, edge: str) -> tuple[list[float], int]:
@@ -83,9 +53,9 @@ def check_salt(batch, edge: str) -> int:
     return shared
 
 
-def test_salt_assigns_the_graph_advantages_on_policy_tokens():
-    recorder = Recorder()
-    trainer = run(["salt", recorder], max_steps=2)
+def test_salt_assigns_the_graph_advantages_on_policy_tokens(corridor_run):
+    recorder = BatchRecorder()
+    trainer = corridor_run(["salt", recorder], max_steps=2)
     shared = sum(check_salt(batch, "prefix") for batch in recorder.batches)
     assert shared > 0  # trajectories of one start cell share edges (their first moves coincide)
     logs = [row for row in trainer.state.log_history if "plugins/salt/frac_shared_steps" in row]
@@ -93,8 +63,8 @@ def test_salt_assigns_the_graph_advantages_on_policy_tokens():
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in trainer.state.log_history if "loss" in row)
 
 
-def test_salt_state_keying_composed_with_sapo():
-    recorder = Recorder()
-    trainer = run([{"salt": {"edge": "state"}}, "sapo", recorder], max_steps=1)
+def test_salt_state_keying_composed_with_sapo(corridor_run):
+    recorder = BatchRecorder()
+    trainer = corridor_run([{"salt": {"edge": "state"}}, "sapo", recorder], max_steps=1)
     check_salt(recorder.batches[-1], "state")
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in trainer.state.log_history if "loss" in row)

@@ -160,6 +160,32 @@ class GradientRecorder:
         return _Recorder()
 
 
+def finite_losses(trainer: Any) -> bool:
+    """Whether a trained run logged at least one loss and every logged loss is finite."""
+    import math
+
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return bool(losses) and all(math.isfinite(float(x)) for x in losses)
+
+
+def recording_trl() -> type:
+    """TRL's own ``GRPOTrainer``, keeping the gathered per-function rewards of the latest batch
+    (``recorded_rewards``, ``(N, F)``) and the advantages TRL computed from them (``recorded_advantages``)."""
+    from trl import GRPOTrainer
+
+    class RecordingTRL(GRPOTrainer):
+        def _calculate_rewards(self, *args, **kwargs):
+            self.recorded_rewards = super()._calculate_rewards(*args, **kwargs)
+            return self.recorded_rewards
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            self.recorded_advantages = out["advantages"].clone()
+            return out
+
+    return RecordingTRL
+
+
 def tiny_grpo_run(
     plugins: Any = None,
     *,

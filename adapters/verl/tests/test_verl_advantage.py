@@ -18,14 +18,7 @@ from grpo_plugins import BatchError, CompositionError, GRPOBatch, Method, Plugin
 from grpo_plugins_verl.advantage import compute_grpo_plugins_advantage
 from grpo_plugins.arithmetic import group_mean_std
 from grpo_plugins_verl.loss import compute_grpo_plugins_policy_loss
-from grpo_plugins_verl.testing import actor_config, isolate, verl_batch
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
+from grpo_plugins_verl.testing import actor_config, verl_batch
 
 
 def v1_advantage(rewards, mask, uids, estimator, norm=True, algorithm=None):

@@ -11,14 +11,7 @@ import grpo_plugins_verl
 from grpo_plugins import CompositionError, Composition, LossTerm, Method, Needs, hookimpl
 from grpo_plugins_verl.advantage import compute_grpo_plugins_advantage
 from grpo_plugins_verl.capabilities import check_run, verl_capabilities
-from grpo_plugins_verl.testing import isolate, verl_batch
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
+from grpo_plugins_verl.testing import verl_batch
 
 
 def verl_config(*overrides):

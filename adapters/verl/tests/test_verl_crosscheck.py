@@ -25,18 +25,11 @@ from verl.utils import torch_functional as verl_F
 
 import grpo_plugins_verl
 from grpo_plugins_verl.advantage import compute_grpo_plugins_advantage
-from grpo_plugins_verl.testing import actor_config, isolate
+from grpo_plugins_verl.testing import actor_config
 
 
 def installed(name: str) -> bool:
     return any(ep.name == name for ep in metadata.entry_points(group="grpo_plugins"))
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 @pytest.mark.skipif(not installed("sapo"), reason="plugins/sapo (grpo-plugin-sapo) is not installed")

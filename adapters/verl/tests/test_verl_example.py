@@ -23,7 +23,6 @@ from omegaconf import OmegaConf
 import grpo_plugins_verl
 from grpo_plugins_verl.main import prepare_config
 from grpo_plugins_verl.settings import ENV_VAR
-from grpo_plugins_verl.testing import isolate
 from grpo_plugins_verl.trainer import ROLLOUT_N_KEY, GRPOPluginsTrainer, IndexedDataset
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "verl"
@@ -59,13 +58,6 @@ def example_run(tmp_path_factory):
     again = subprocess.run(["bash", str(EXAMPLE / "run_tiny_grpo.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert "OK" not in again.stdout  # the stub trained nothing: a stale state file must not pass the check
     return work, overrides
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 def test_example_overrides_fit_verl_config(example_run):

@@ -11,21 +11,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-import grpo_plugins_verl
 from grpo_plugins import Composition, CompositionError, LossTerm, Method, Needs, hookimpl
 from grpo_plugins.injection import INJECTED_KEY, InjectedRow, kind_code
 from grpo_plugins_verl.capabilities import check_run, verl_capabilities
 from grpo_plugins_verl.injection import Injection, add_field, completion_tokens, injected_sample
-from grpo_plugins_verl.testing import isolate
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "verl" / "make_tiny_assets.py"
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 def verl_config(*overrides):

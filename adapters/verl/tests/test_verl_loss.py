@@ -11,16 +11,9 @@ from verl.workers.utils.losses import ppo_loss
 import grpo_plugins_verl
 from grpo_plugins import LossInputs, Method, hookimpl
 from grpo_plugins_verl.loss import compute_grpo_plugins_policy_loss
-from grpo_plugins_verl.testing import actor_config, isolate
+from grpo_plugins_verl.testing import actor_config
 
 MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 def micro_batch(seed=0, rows=6, tokens=5):

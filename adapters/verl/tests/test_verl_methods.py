@@ -17,16 +17,9 @@ import grpo_plugins_verl
 from grpo_plugins import CompositionError
 from grpo_plugins.conformance import Subject, installed_methods, plan_round, round_batch
 from grpo_plugins_verl.runtime import get_runtime
-from grpo_plugins_verl.testing import isolate, verl_loss_on_batch
+from grpo_plugins_verl.testing import verl_loss_on_batch
 
 INSTALLED = [name for name in installed_methods() if name != "grpo"]
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 @pytest.mark.parametrize("name", INSTALLED)

@@ -7,20 +7,12 @@ import pickle
 import pytest
 import torch
 
-import grpo_plugins_verl
 from grpo_plugins import CompositionError, LossTerm, LossTotals
 from grpo_plugins.objectives import contiguous_group_order, incomplete_groups
 from grpo_plugins_verl.objectives import (
     GROUP_INDEX, GROUP_SIZE, check_micro_batch, group_fields, objective_loss, run_context, whole_group_order,
 )
-from grpo_plugins_verl.testing import isolate, run_config
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
+from grpo_plugins_verl.testing import run_config
 
 
 def test_group_fields_put_each_completion_on_its_verl_row_and_padding_in_groups_of_one():

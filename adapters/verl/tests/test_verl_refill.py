@@ -19,14 +19,7 @@ from grpo_plugins import Method, hookimpl
 from grpo_plugins.batch_editing import RefillExhausted, filter_groups_keep
 from grpo_plugins_verl.refill import KEEP_ROWS_ONLY, PluginReplayBuffer, prepare_config, step_metrics
 from grpo_plugins_verl.runtime import get_runtime
-from grpo_plugins_verl.testing import isolate, run_config
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
+from grpo_plugins_verl.testing import run_config
 
 
 class DynamicSampling(Method):

@@ -10,19 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import grpo_plugins_verl
 from grpo_plugins import Composition, CompositionError, Method, Needs
 from grpo_plugins_verl.advantage import extra_fields
 from grpo_plugins_verl.capabilities import verl_capabilities
 from grpo_plugins_verl.statistics import FIELD, TemperaturePasses, add_field, run_passes
-from grpo_plugins_verl.testing import isolate, run_config
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
+from grpo_plugins_verl.testing import run_config
 
 
 class Hot(Method):

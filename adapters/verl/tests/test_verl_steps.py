@@ -21,16 +21,9 @@ from grpo_plugins import CompositionError, Method, hookimpl
 from grpo_plugins_verl.capabilities import check_run, verl_capabilities
 from grpo_plugins_verl.extras import TURNS, turn_rows
 from grpo_plugins_verl.runtime import get_runtime
-from grpo_plugins_verl.testing import isolate, run_config
+from grpo_plugins_verl.testing import run_config
 
 pytest.importorskip("grpo_plugin_gigpo")
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 class Recorder(Method):

@@ -22,7 +22,6 @@ from grpo_plugins import CompositionError, GRPOBatch, Method, hookimpl
 from grpo_plugins_verl.advantage import compute_grpo_plugins_advantage
 from grpo_plugins_verl.extras import batch_extras
 from grpo_plugins_verl.runtime import get_runtime
-from grpo_plugins_verl.testing import isolate
 from grpo_plugins_verl.trainer import (
     INDEX_KEY,
     ROLLOUT_N_KEY,
@@ -32,13 +31,6 @@ from grpo_plugins_verl.trainer import (
     load_plugin_state,
     save_plugin_state,
 )
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 class Sampler(Method):

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
+from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins.testing import FirstPrompts, resumed_sampler_rounds
 from grpo_plugins.budgets import apportion
 from grpo_plugin_gdro import bin_distribution, difficulty_bins, draw_by_bins, hedge_update, sqrt_rule_weights
 
@@ -110,38 +111,9 @@ def test_edge_cases_and_messages():
 
 
 def test_resumed_run_plans_the_same_rounds(tmp_path):
-    def play(composition, generator, rounds, start=0):
-        out = []
-        for r in range(start, start + rounds):
-            round_ = plan(4, 24, 30, r)
-            ids = composition.run_sample_prompts(round_, generator)
-            counts = composition.rollout_counts(round_, ids)
-            out.append((ids.tolist(), counts.tolist()))
-            prompt_ids = torch.repeat_interleave(ids, counts)
-            rewards = ((prompt_ids * 5 + torch.arange(prompt_ids.numel())) % 3 == 0).float()
-            composition.run_observe(GRPOBatch(prompt_ids=prompt_ids, rewards=rewards), r + 1)
-        return out
-
-    straight = play(Composition(["gdro"]), torch.Generator().manual_seed(4), 9)
-    first, generator = Composition(["gdro"]), torch.Generator().manual_seed(4)
-    head = play(first, generator, 6)
-    first.save(tmp_path / "state.pt")
-    resumed = Composition(["gdro"])
-    resumed.load(tmp_path / "state.pt")
-    assert head + play(resumed, torch.Generator().set_state(generator.get_state()), 3, start=6) == straight
+    straight, resumed = resumed_sampler_rounds(["gdro"], tmp_path, lambda r: plan(4, 24, 30, r), seed=4, resume_at=6)
+    assert resumed == straight
     assert all(sum(c) == 24 for _, c in straight)
-
-
-class FirstPrompts(Method):
-    """Another prompt sampler (the compositions with the real cures are in
-    tests/integration/test_sampler_compositions.py)."""
-
-    name = "first_prompts"
-
-    @hookimpl
-    def sample_prompts(self, round, generator):
-        return torch.arange(round.num_prompts) % round.dataset_size
-
 
 def test_a_second_prompt_sampler_is_refused_with_the_switch_to_use():
     with pytest.raises(CompositionError, match="'gdro'.*'first_prompts'.*sample_prompts") as error:

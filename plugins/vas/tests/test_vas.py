@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
+from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins.testing import FirstPrompts, resumed_sampler_rounds
 from grpo_plugin_vas import interleave, min_max_normalise, self_bleu, trajectory_diversity, variance_promotion
 
 
@@ -151,39 +152,9 @@ def test_edge_cases():
 
 
 def test_resumed_run_plans_the_same_rounds(tmp_path):
-    config = [{"vas": {"update_every": 2, "tds_weight": 0.2, "ovs_weight": 0.8}}]
-
-    def play(composition, generator, rounds, start=0):
-        out = []
-        for r in range(start, start + rounds):
-            ids = composition.run_sample_prompts(plan(4, 30, r), generator)
-            out.append(ids.tolist())
-            prompt_ids = ids.repeat_interleave(4)
-            rewards = ((prompt_ids * 5 + torch.arange(prompt_ids.numel())) % 3 == 0).float()
-            completion = (prompt_ids[:, None] + torch.arange(5) * torch.arange(prompt_ids.numel())[:, None]) % 7
-            composition.run_observe(GRPOBatch(prompt_ids=prompt_ids, rewards=rewards, completion_ids=completion,
-                                              completion_mask=torch.ones(prompt_ids.numel(), 5)), r + 1)
-        return out
-
-    straight = play(Composition(config), torch.Generator().manual_seed(2), 9)
-    first, generator = Composition(config), torch.Generator().manual_seed(2)
-    head = play(first, generator, 5)
-    first.save(tmp_path / "state.pt")
-    resumed = Composition(config)
-    resumed.load(tmp_path / "state.pt")
-    assert head + play(resumed, torch.Generator().set_state(generator.get_state()), 4, start=5) == straight
-
-
-class FirstPrompts(Method):
-    """Another prompt sampler (the compositions with the real cures are in
-    tests/integration/test_sampler_compositions.py)."""
-
-    name = "first_prompts"
-
-    @hookimpl
-    def sample_prompts(self, round, generator):
-        return torch.arange(round.num_prompts) % round.dataset_size
-
+    straight, resumed = resumed_sampler_rounds([{"vas": {"update_every": 2, "tds_weight": 0.2, "ovs_weight": 0.8}}], tmp_path, lambda r: plan(4, 30, r), seed=2, resume_at=5)
+    assert resumed == straight
+    assert len({tuple(ids) for ids, _ in straight}) > 1  # the sampler moved over the rounds
 
 def test_a_second_prompt_sampler_is_refused_with_the_switch_to_use():
     with pytest.raises(CompositionError, match="'vas'.*'first_prompts'.*sample_prompts") as error:

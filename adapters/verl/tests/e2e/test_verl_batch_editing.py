@@ -19,19 +19,11 @@ from grpo_plugins import Method, PluginError, hookimpl  # noqa: E402
 from grpo_plugins.batch_editing import RefillExhausted  # noqa: E402
 from grpo_plugins_verl.cpu_fit import compose_config, run_fit  # noqa: E402
 from grpo_plugins_verl.refill import PluginReplayBuffer  # noqa: E402
-from grpo_plugins_verl.testing import isolate  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 REWARD = Path(__file__).with_name("reward.py")
 STEPS = ("trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.resume_mode=disable")
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 class KeepOneInFour(Method):

@@ -26,7 +26,6 @@ from grpo_plugins import Composition, CompositionError, Method, PromptRound, hoo
 from grpo_plugins.conformance import Subject, example_row, installed_methods  # noqa: E402
 from grpo_plugins_verl.cpu_fit import compose_config, run_fit  # noqa: E402
 from grpo_plugins_verl.settings import REFERENCE_HINT  # noqa: E402
-from grpo_plugins_verl.testing import isolate  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -36,13 +35,6 @@ REWARD_COMPONENTS = "GRPO_PLUGINS_E2E_REWARDS"
 """``reward.py``'s ``COMPONENTS_VAR``: the reward components of a method's example."""
 REFERENCE = ("actor_rollout_ref.actor.use_kl_loss=True", "actor_rollout_ref.actor.kl_loss_coef=0.0")
 """verl's reference model (``ref_log_probs``) without changing the loss: see ``REFERENCE_HINT``."""
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 def example_run(name: str, assets: Path, work: Path, monkeypatch) -> tuple[list, list[str]]:

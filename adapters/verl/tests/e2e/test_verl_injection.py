@@ -20,7 +20,6 @@ import grpo_plugins_verl  # noqa: E402
 from grpo_plugins import Method, hookimpl  # noqa: E402
 from grpo_plugins.injection import INJECTED_KEY, kind_code  # noqa: E402
 from grpo_plugins_verl.cpu_fit import compose_config, run_fit  # noqa: E402
-from grpo_plugins_verl.testing import isolate  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -28,13 +27,6 @@ REWARD = Path(__file__).with_name("reward.py")
 STEPS = ("trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.resume_mode=disable")
 ROWS = 8
 """Rows of a step before injection: ``data.train_batch_size=2`` prompts times ``rollout.n=4``."""
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import grpo_plugins_verl  # noqa: E402
 from grpo_plugins import Method, hookimpl  # noqa: E402
 from grpo_plugins.steps import token_step_index  # noqa: E402
 from grpo_plugins_verl.cpu_fit import run_fit  # noqa: E402
-from grpo_plugins_verl.testing import isolate  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -39,13 +38,6 @@ def _load(name: str):
 
 train_verl = _load("train_verl")
 corridor = _load("corridor")
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 @pytest.fixture(scope="module")

@@ -16,22 +16,13 @@ pytest.importorskip("ray")
 pytest.importorskip("verl")
 torch = pytest.importorskip("torch")
 
-import grpo_plugins_verl  # noqa: E402
 from grpo_plugins.conformance import installed_methods  # noqa: E402
 from grpo_plugins_verl.cpu_fit import compose_config, run_fit  # noqa: E402
-from grpo_plugins_verl.testing import isolate  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 REWARD = Path(__file__).with_name("reward.py")
 ONE_STEP = ("trainer.total_training_steps=1", "trainer.save_freq=-1", "trainer.resume_mode=disable")
-
-
-@pytest.fixture(autouse=True)
-def clean_runtime(monkeypatch):
-    isolate(monkeypatch)
-    yield
-    grpo_plugins_verl.configure(None)
 
 
 def direct_log_probs(model, data, temperatures) -> dict[float, torch.Tensor]:
