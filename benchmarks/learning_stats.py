@@ -14,6 +14,8 @@ import statistics
 from typing import Any, Iterable, Sequence
 
 INF = float("inf")
+TAIL = 0.7
+"""The last 30 % of the budget: vanilla's curve has flattened when it gains no more than its seed sd there."""
 
 
 def mean_curve(run: dict[str, Any]) -> list[tuple[float, float]]:
@@ -71,9 +73,14 @@ def noise(vanilla: list[dict[str, Any]], target_rollouts: float) -> dict[str, An
     """The target and the seed noise: vanilla's mean (over seeds) accuracy at ``target_rollouts`` is the
     target every configuration is asked to reach; ``sd_at_target`` is the seed standard deviation of
     vanilla's accuracy there (``sd_at_target_3_seeds``: over the first three runs, when there are more);
-    ``sd_final`` the same at the end of the budget."""
+    ``sd_final`` the same at the end of the budget. Whether vanilla's curve has flattened:
+    ``tail_gain`` is its mean accuracy (over seeds) at the end minus at the first grid point past
+    ``TAIL`` of the budget, ``flat`` whether that gain is within ``sd_final``."""
     at_target = [accuracy_at(run, target_rollouts) for run in vanilla]
     final = [mean_curve(run)[-1][1] for run in vanilla]
+    grid = [x for x, _ in mean_curve(vanilla[0])]
+    tail_start = next(x for x in grid if x >= TAIL * grid[-1])
+    tail_gain = statistics.mean(final) - statistics.mean(accuracy_at(run, tail_start) for run in vanilla)
     out = {
         "target_rollouts": target_rollouts,
         "target_accuracy": statistics.mean(at_target),
@@ -82,6 +89,9 @@ def noise(vanilla: list[dict[str, Any]], target_rollouts: float) -> dict[str, An
         "sd_final": sd(final),
         "sd_auc": sd([area_under_curve(run) for run in vanilla]),
         "seeds": len(vanilla),
+        "tail_rollouts": tail_start,
+        "tail_gain": tail_gain,
+        "flat": tail_gain <= sd(final),
     }
     if len(at_target) > 3:  # the noise with the seed count of a single-method row
         out["sd_at_target_3_seeds"] = sd(at_target[:3])

@@ -190,6 +190,16 @@ def test_probe_counts_zero_signal_groups_for_sequence_and_token_advantages():
     assert probe.zero_signal == [0.5, 0.5] and probe.completions == [5, 5]
 
 
+def test_flatness_of_vanilla_over_the_last_part_of_the_budget():
+    rising = [make_run([0.5, 0.6, 0.65, 0.70] + [0.70 + 0.01 * i for i in range(7)], seed=s) for s in range(3)]
+    noise = stats.noise(rising, 640)
+    # 11 points up to 6,400 rollouts: the tail starts at the first grid point at or past 4,480 (0.73); the end is 0.76
+    assert noise["tail_rollouts"] == 7 * 640 and noise["tail_gain"] == pytest.approx(0.03)
+    assert noise["sd_final"] == 0.0 and noise["flat"] is False
+    flat = [make_run([0.5, 0.6, 0.7] + [0.7 + 0.002 * ((i + s) % 2) for i in range(8)], seed=s) for s in range(3)]
+    assert stats.noise(flat, 640)["flat"] is True  # the tail's gain is within the seeds' spread
+
+
 def test_noise_also_over_the_first_three_seeds():
     vanilla = [make_run([0.5, p, 0.7], seed=s) for s, p in enumerate([0.60, 0.62, 0.64, 0.70, 0.70])]
     noise = stats.noise(vanilla, 640)
