@@ -230,6 +230,17 @@ def restore_floats(value: Any) -> Any:
     return value
 
 
+def budget_of(run: RunSettings) -> int:
+    """Rollouts every configuration is given: the steps times the completions of a plain step."""
+    return run.steps * run.prompts_per_step * run.num_generations
+
+
+def loaded(record: dict[str, Any], mode: Mode) -> dict[str, Any]:
+    """A stored run as the statistics read it: the mode's smoothing window, the curve cut at the budget."""
+    record = dict(record, window=mode.window)
+    return record if "skipped" in record else stats.within_budget(record, budget_of(mode.run))
+
+
 def execute(jobs: list[tuple[Configuration, str, int]], mode: Mode, task: TaskSettings, checkpoint: str, out: str,
             workers: int, rerun: set[str], train: bool = True) -> dict[tuple[str, str, int], dict[str, Any]]:
     """Every job's run: from the store when its key matches (unless its configuration is in ``rerun``), else
@@ -242,7 +253,7 @@ def execute(jobs: list[tuple[Configuration, str, int]], mode: Mode, task: TaskSe
         path = run_path(out, mode.name, config, regime, seed)
         stored = None if config.name in rerun else load_run(path, key)
         if stored is not None:
-            results[(config.name, regime, seed)] = dict(restore_floats(stored), window=mode.window)
+            results[(config.name, regime, seed)] = loaded(restore_floats(stored), mode)
         else:
             todo.append((config, regime, seed, key, path))
     if not todo or not train:
@@ -259,7 +270,7 @@ def execute(jobs: list[tuple[Configuration, str, int]], mode: Mode, task: TaskSe
             record.update(key=key, configuration=config.name, plugins=config.spec(), regime=regime, seed=seed,
                           checkpoint_sha256=checkpoint)
             save_run(path, record)
-            results[(config.name, regime, seed)] = dict(record, window=mode.window)
+            results[(config.name, regime, seed)] = loaded(record, mode)
             if "skipped" in record:
                 print(f"{regime:<9} {config.name:<32} seed {seed}: skipped ({record['skipped'][:120]})", flush=True)
             else:
@@ -481,7 +492,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"({run['steps'] * run['prompts_per_step'] * run['num_generations']} rollouts per run), lr {run['lr']}, "
         f"evaluation every {run['eval_every']} steps on {len(warm['accuracy_by_level']) * s['task']['eval_per_level']} "
         f"held-out problems (greedy exact match), levels {', '.join(warm['accuracy_by_level'])}; curves are trailing "
-        f"means of {s['window']} evaluations.",
+        f"means of {s['window']} evaluations, cut at the rollout budget (a configuration that generates extra "
+        "rollouts, e.g. refills, is judged on its evaluations within the budget).",
         f"Warm start: checkpoint sha256 `{warm['checkpoint_sha256'][:16]}...`, accuracy {warm['accuracy']:.3f} ("
         + ", ".join(f"{k}: {v:.2f}" for k, v in warm["accuracy_by_level"].items()) + ").",
         "",
@@ -603,8 +615,10 @@ def plot(report: dict[str, Any], results: dict, regimes: tuple[str, ...], path: 
             if "skipped" in record:
                 continue
             runs = [results[k] for k in sorted(results) if k[0] == name and k[1] == regime and "skipped" not in results[k]]
-            x = [p[0] for p in stats.mean_curve(runs[0])]
-            acc = torch.tensor([[p[1] for p in stats.mean_curve(r)] for r in runs])
+            curves = [stats.mean_curve(r) for r in runs]  # seeds that generate extra rollouts end at other steps
+            length = min(len(c) for c in curves)
+            x = torch.tensor([[p[0] for p in c[:length]] for c in curves]).mean(0)
+            acc = torch.tensor([[p[1] for p in c[:length]] for c in curves])
             shown = name in (BASELINE, ORACLE) or record["kind"] == "stack" or record["verdict"] not in ("tie", "unknown")
             style = dict(color="black", linewidth=2.5) if name == BASELINE else (
                 dict(color="grey", linestyle="--", linewidth=2) if name == ORACLE else

@@ -18,6 +18,14 @@ TAIL = 0.7
 """The last 30 % of the budget: vanilla's curve has flattened when it gains no more than its seed sd there."""
 
 
+def within_budget(run: dict[str, Any], budget: float) -> dict[str, Any]:
+    """``run`` with its curve cut at ``budget`` rollouts: the evaluations after more completions than every
+    configuration is given (a method that generates extra rollouts, e.g. refills, reaches the budget
+    before the last step) are left out of every statistic."""
+    curve = [point for point in run["curve"] if run["rollouts_at"][str(point[0])] <= budget]
+    return run if len(curve) == len(run["curve"]) else dict(run, curve=curve)
+
+
 def mean_curve(run: dict[str, Any]) -> list[tuple[float, float]]:
     """``[(rollouts, mean accuracy over levels)]`` of one run on its evaluation grid, each value the mean of
     the last ``run["window"]`` evaluations (fewer at the start)."""

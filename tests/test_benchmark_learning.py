@@ -200,6 +200,16 @@ def test_flatness_of_vanilla_over_the_last_part_of_the_budget():
     assert stats.noise(flat, 640)["flat"] is True  # the tail's gain is within the seeds' spread
 
 
+def test_every_statistic_stops_at_the_rollout_budget():
+    run = make_run([0.5, 0.6, 0.7, 0.8, 0.9])  # 640 rollouts a grid step: 2,560 in all
+    cut = stats.within_budget(run, 1920)  # a configuration that spent the budget by the third grid point
+    assert [step for step, _ in cut["curve"]] == [0, 10, 20, 30] and len(run["curve"]) == 5
+    assert stats.mean_curve(cut)[-1] == (1920.0, pytest.approx(0.8))
+    assert stats.area_under_curve(cut) == pytest.approx((0.55 + 0.65 + 0.75) / 3)
+    assert stats.rollouts_to_reach(cut, 0.85) == math.inf
+    assert stats.within_budget(run, 2560) is run  # within the budget: unchanged
+
+
 def test_noise_also_over_the_first_three_seeds():
     vanilla = [make_run([0.5, p, 0.7], seed=s) for s, p in enumerate([0.60, 0.62, 0.64, 0.70, 0.70])]
     noise = stats.noise(vanilla, 640)
