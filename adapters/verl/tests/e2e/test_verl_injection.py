@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pd = pytest.importorskip("pandas")
 
 import grpo_plugins_verl  # noqa: E402
-from grpo_plugins import Method, hookimpl  # noqa: E402
+from grpo_plugins.testing import BatchRecorder  # noqa: E402
 from grpo_plugins.injection import INJECTED_KEY, kind_code  # noqa: E402
 from grpo_plugins_verl.cpu_fit import compose_config, run_fit  # noqa: E402
 
@@ -41,22 +41,8 @@ def work(tiny_assets, tmp_path) -> Path:
     return tmp_path
 
 
-class Recorder(Method):
-    """Keeps what the advantage stage saw each step (``observe`` runs after the actor update)."""
-
-    name = "recorder"
-
-    def __init__(self):
-        super().__init__()
-        self.batches = []
-
-    @hookimpl
-    def observe(self, batch, step):
-        self.batches.append(batch)
-
-
 def run(methods: list, work: Path):
-    recorder = Recorder()
+    recorder = BatchRecorder()
     grpo_plugins_verl.configure([*methods, recorder])
     config = compose_config(methods, work, REWARD, STEPS)
     return run_fit(config), recorder

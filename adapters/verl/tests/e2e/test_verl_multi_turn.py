@@ -18,7 +18,7 @@ pytest.importorskip("grpo_plugin_gigpo")
 torch = pytest.importorskip("torch")
 
 import grpo_plugins_verl  # noqa: E402
-from grpo_plugins import Method, hookimpl  # noqa: E402
+from grpo_plugins.testing import BatchRecorder  # noqa: E402
 from grpo_plugins.steps import token_step_index  # noqa: E402
 from grpo_plugins_verl.cpu_fit import run_fit  # noqa: E402
 
@@ -45,22 +45,8 @@ def corridor_assets(tmp_path_factory) -> Path:
     return train_verl.build_assets(tmp_path_factory.mktemp("verl_corridor"), train_size=16)
 
 
-class Recorder(Method):
-    """Keeps each advantage-stage batch (``observe`` runs after the actor update)."""
-
-    name = "recorder"
-
-    def __init__(self):
-        super().__init__()
-        self.batches = []
-
-    @hookimpl
-    def observe(self, batch, step):
-        self.batches.append(batch)
-
-
 def test_gigpo_trains_on_agent_loop_turns_in_verl_fit(corridor_assets, ray_cluster):
-    recorder = Recorder()
+    recorder = BatchRecorder()
     grpo_plugins_verl.configure([{"gigpo": {"gamma": 0.9}}, recorder])
     result = run_fit(train_verl.corridor_config([], corridor_assets, steps=2))
     assert len(result.metrics) == 2 and len(recorder.batches) == 2
@@ -96,7 +82,7 @@ def test_gigpo_trains_on_agent_loop_turns_in_verl_fit(corridor_assets, ray_clust
 def test_without_a_method_needing_steps_the_stage_sees_each_session_last_turn(corridor_assets, ray_cluster):
     """No method reads steps: the turn rows are scored as verl's multi-trajectory GRPO scores them (the
     exactness itself: tests/test_verl_steps.py), so the advantage stage holds one row per session."""
-    recorder = Recorder()
+    recorder = BatchRecorder()
     grpo_plugins_verl.configure([recorder])
     result = run_fit(train_verl.corridor_config([], corridor_assets, steps=2))
     assert [b.rewards.numel() for b in recorder.batches] == [8, 8]  # 2 prompts x 4 sessions
