@@ -21,7 +21,7 @@ from grpo_plugins.needs import TrainerCapabilities
 from grpo_plugins_verl.injection import injection_blockers, injection_problems
 from grpo_plugins_verl.objectives import FEATURES, planning_problems, whole_group_blockers
 from grpo_plugins_verl.probe import probe_blockers
-from grpo_plugins_verl.settings import NAME, REFERENCE_HINT
+from grpo_plugins_verl.settings import COLOCATED_REWARD_MODEL, NAME, REFERENCE_HINT, colocated_reward_model
 
 TRAINER = "verl"
 TRAINER_FEATURES = ("prompt_selection", "variable_budgets", "prompt_rewriting", "after_step", "method_state",
@@ -121,10 +121,9 @@ def batch_editing_blockers(config: Any) -> list[str]:
     if custom.get("path", None) and custom.get("name", None):
         reasons.append("trainer.v1.sampler.custom_sampler is set (the adapter drops and refills groups in verl's own "
                        "ReplayBuffer; remove the custom sampler)")
-    reward_model = config.reward.get("reward_model", None) or {}
-    if reward_model.get("enable", False) and not reward_model.get("enable_resource_pool", False):
-        reasons.append("a colocated reward model (reward.reward_model.enable=True without enable_resource_pool): verl "
-                       "scores after sampling, too late to drop groups; set reward.reward_model.enable_resource_pool=True")
+    if colocated_reward_model(config):
+        reasons.append(f"{COLOCATED_REWARD_MODEL}: verl scores after sampling, too late to drop groups; set "
+                       "reward.reward_model.enable_resource_pool=True")
     return reasons
 
 

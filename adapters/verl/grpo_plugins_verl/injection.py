@@ -45,6 +45,7 @@ from grpo_plugins import CompositionError, GRPOBatch, ParallelContext
 from grpo_plugins.injection import INJECTED_KEY, InjectedRow, method_conflicts, parse_rows
 
 from grpo_plugins_verl.extras import reward_components
+from grpo_plugins_verl.settings import COLOCATED_REWARD_MODEL, colocated_reward_model
 
 if TYPE_CHECKING:
     from grpo_plugins import Composition
@@ -69,10 +70,8 @@ def injection_blockers(config: Any) -> list[str]:
     if (config.algorithm.get("rollout_correction", None) or {}).get("bypass_mode", False):
         reasons.append("algorithm.rollout_correction.bypass_mode=True (verl takes old_log_probs from the rollout, "
                        "which an injected row does not have)")
-    reward_model = config.reward.get("reward_model", None) or {}
-    if reward_model.get("enable", False) and not reward_model.get("enable_resource_pool", False):
-        reasons.append("a colocated reward model (reward.reward_model.enable=True without enable_resource_pool): "
-                       "the adapter scores injected rows with verl's reward loop workers")
+    if colocated_reward_model(config):
+        reasons.append(f"{COLOCATED_REWARD_MODEL}: the adapter scores injected rows with verl's reward loop workers")
     return reasons
 
 

@@ -117,3 +117,15 @@ def grpo_defaults(algorithm_config: Any = None) -> dict[str, dict[str, Any]]:
     if algorithm_config is not None and hasattr(algorithm_config, "get"):
         norm = bool(algorithm_config.get("norm_adv_by_std_in_grpo", True))
     return {"grpo": {"scale": "group" if norm else "none", "epsilon": DEFAULT_EPSILON, "arithmetic": "verl"}}
+
+
+COLOCATED_REWARD_MODEL = "a colocated reward model (reward.reward_model.enable=True without enable_resource_pool)"
+"""The verl setting :func:`colocated_reward_model` detects, as error messages name it."""
+
+
+def colocated_reward_model(config: Any) -> bool:
+    """Whether the run scores with a reward model that shares the actor's resource pool
+    (``reward.reward_model.enable`` without ``enable_resource_pool``): verl scores such rows only
+    after the whole rollout, outside the reward loop workers the adapter calls."""
+    reward_model = config.reward.get("reward_model", None) or {}
+    return bool(reward_model.get("enable", False)) and not reward_model.get("enable_resource_pool", False)

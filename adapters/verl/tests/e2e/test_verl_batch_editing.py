@@ -8,17 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-pytest.importorskip("transfer_queue")
-pytest.importorskip("ray")
-pytest.importorskip("verl")
-torch = pytest.importorskip("torch")
-
-import grpo_plugins_verl  # noqa: E402
-from grpo_plugins import Method, PluginError, hookimpl  # noqa: E402
-from grpo_plugins.batch_editing import RefillExhausted  # noqa: E402
-from grpo_plugins_verl.cpu_fit import compose_config, run_fit  # noqa: E402
-from grpo_plugins_verl.refill import PluginReplayBuffer  # noqa: E402
+import grpo_plugins_verl
+from grpo_plugins import Method, PluginError, hookimpl
+from grpo_plugins.batch_editing import RefillExhausted
+from grpo_plugins_verl.cpu_fit import compose_config, run_fit
+from grpo_plugins_verl.refill import PluginReplayBuffer
 
 pytestmark = pytest.mark.e2e
 

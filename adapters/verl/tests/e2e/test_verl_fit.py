@@ -15,17 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-pytest.importorskip("transfer_queue")
-pytest.importorskip("ray")
-pytest.importorskip("verl")
-torch = pytest.importorskip("torch")
-
-import grpo_plugins_verl  # noqa: E402
-from grpo_plugins import Composition, CompositionError, Method, PromptRound, hookimpl  # noqa: E402
-from grpo_plugins.conformance import Subject, example_row, installed_methods  # noqa: E402
-from grpo_plugins_verl.cpu_fit import compose_config, run_fit  # noqa: E402
-from grpo_plugins_verl.settings import REFERENCE_HINT  # noqa: E402
+import grpo_plugins_verl
+from grpo_plugins import Composition, CompositionError, Method, PromptRound, hookimpl
+from grpo_plugins.conformance import Subject, example_row, installed_methods
+from grpo_plugins_verl.cpu_fit import compose_config, run_fit
+from grpo_plugins_verl.settings import REFERENCE_HINT
 
 pytestmark = pytest.mark.e2e
 

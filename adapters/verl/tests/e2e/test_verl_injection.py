@@ -8,18 +8,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
-pytest.importorskip("transfer_queue")
-pytest.importorskip("ray")
-pytest.importorskip("verl")
-torch = pytest.importorskip("torch")
-pd = pytest.importorskip("pandas")
-
-import grpo_plugins_verl  # noqa: E402
-from grpo_plugins.testing import BatchRecorder  # noqa: E402
-from grpo_plugins.injection import INJECTED_KEY, kind_code  # noqa: E402
-from grpo_plugins_verl.cpu_fit import compose_config, run_fit  # noqa: E402
+import grpo_plugins_verl
+from grpo_plugins.testing import BatchRecorder
+from grpo_plugins.injection import INJECTED_KEY, kind_code
+from grpo_plugins_verl.cpu_fit import compose_config, run_fit
 
 pytestmark = pytest.mark.e2e
 

@@ -10,12 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-pytest.importorskip("transfer_queue")
-pytest.importorskip("ray")
-pytest.importorskip("verl")
 pytest.importorskip("grpo_plugin_gigpo")
-torch = pytest.importorskip("torch")
 
 import grpo_plugins_verl  # noqa: E402
 from grpo_plugins.testing import BatchRecorder  # noqa: E402

@@ -10,14 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-pytest.importorskip("transfer_queue")
-pytest.importorskip("ray")
-pytest.importorskip("verl")
-torch = pytest.importorskip("torch")
-
-from grpo_plugins.conformance import installed_methods  # noqa: E402
-from grpo_plugins_verl.cpu_fit import compose_config, run_fit  # noqa: E402
+from grpo_plugins.conformance import installed_methods
+from grpo_plugins_verl.cpu_fit import compose_config, run_fit
 
 pytestmark = pytest.mark.e2e
 
