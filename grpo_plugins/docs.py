@@ -85,9 +85,10 @@ def render() -> str:
         "",
         "What the core does with each hook's output. Every output is checked against its contract as soon as "
         "the method returns it; a broken contract stops the run with an error naming the method and the hook. "
-        "A method implementing a hook needs the hook's trainer feature; hooks marked *designed* are not yet run "
-        "by the adapters, so the capability check refuses a method that implements one "
-        "(see [design.md](design.md)).",
+        "A method implementing a hook needs the hook's trainer feature. Hooks marked with the adapters that run "
+        "them are outside the standard set: an adapter provides their feature only under the settings that "
+        "allow it (on verl: with the `grpo_plugins` trainer), and the capability check refuses a method that "
+        "implements one anywhere else (see [design.md](design.md)).",
         "",
         "| Hook | Stage | Combine | Output contract | What the core does with it | Trainer feature |",
         "|---|---|---|---|---|---|",
@@ -117,7 +118,7 @@ def render() -> str:
             "```",
             "",
             f"Combine mode: `{hook.combine}` · stage: {hook.stage} · trainer feature: `{hook.feature}`"
-            + ("" if hook.provided else f" · **{_runs_on(hook)}; refused at start-up elsewhere**"),
+            + ("" if hook.provided else f" · **{_runs_on(hook)}; refused at start-up wherever its feature is not provided**"),
             "",
             f"Output contract: {hook.output.text()}. {hook.effect}",
             "",
@@ -145,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _runs_on(hook) -> str:
-    """Where a designed hook runs today: ``"designed, run by TRL"`` or ``"designed, not yet run"``."""
-    return f"designed, run by {' and '.join(hook.runs_on)}" if hook.runs_on else "designed, not yet run by the adapters"
+    """Where a hook outside the standard set runs today: ``"run by TRL and verl"``, ``"run by TRL only"``."""
+    if not hook.runs_on:
+        return "designed, not yet run by the adapters"
+    return f"run by {' and '.join(hook.runs_on)}" + (" only" if len(hook.runs_on) == 1 else "")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ FLOAT_ADVANTAGES = Output(shapes=(("N",), ("N", "T")))
 TABLE: tuple[Hook, ...] = (
     Hook("setup", "start", "all", Output(kind="none"),
          "Each method sees the run's context (tokenizer, trainer settings, seed) once, before the first step.",
-         feature="method_setup", provided=False, runs_on=("TRL",)),
+         feature="method_setup", provided=False, runs_on=("TRL", "verl")),
     Hook("sample_prompts", "round planning", "single",
          Output(shapes=(("P'",),), dtype="count", low=0, high="dataset_size - 1"),
          "The round's prompts (cast to int64); without a provider the trainer's own sampler draws them.",
@@ -150,7 +150,7 @@ TABLE: tuple[Hook, ...] = (
     Hook("inject_rows", "batch editing", "add", Output(kind="rows"),
          "Extra rows (e.g. demonstrations) the adapter tokenises, scores unless given a reward and appends to "
          "their prompt's group; each row's kind is in `row_data['injected']`.",
-         feature="row_injection", provided=False, runs_on=("TRL",)),
+         feature="row_injection", provided=False, runs_on=("TRL", "verl")),
     Hook("shape_rewards", "advantage stage", "chain", FLOAT_PER_COMPLETION,
          "Becomes `batch.rewards`, which the estimator reads.", feature="advantage_hooks", chained="rewards"),
     Hook("compute_advantages", "advantage stage", "single", FLOAT_ADVANTAGES,
@@ -171,7 +171,7 @@ TABLE: tuple[Hook, ...] = (
          "`plugins/<method>/<term>`.", feature="token_loss"),
     Hook("loss_objectives", "loss stage", "add", Output(kind="objectives", shapes=(("B", "T"), ("B",))),
          "Each `LossTerm` is reduced with the normaliser it declares (token, sequence, group, sum) over the "
-         "global batch and added to the loss.", feature="loss_normalisers", provided=False, runs_on=("TRL",)),
+         "global batch and added to the loss.", feature="loss_normalisers", provided=False, runs_on=("TRL", "verl")),
     Hook("scale_update", "optimiser step", "multiply", Output(shapes=((),), low=0),
          "Multiplies the learning rate of the step's optimiser update (for that one step; Adam would undo a "
          "gradient scale).", feature="update_control", provided=False, runs_on=("TRL",)),

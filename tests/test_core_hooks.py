@@ -331,4 +331,4 @@ def test_every_hook_has_a_test_and_a_docs_entry():
         assert f"## `{hook}`" in hooks_doc, f"hook '{hook}' has no section in docs/hooks.md"
         assert f"`{hook}`" in lifecycle, f"hook '{hook}' is not placed in docs/lifecycle.md"
     assert set(COMBINE.values()) <= {"single", "chain", "multiply", "add", "all"}
-    assert "(designed, run by TRL)" in hooks_doc and "not run on verl yet" in lifecycle
+    assert "(run by TRL only)" in hooks_doc and "not run on verl yet" in lifecycle

@@ -195,3 +195,24 @@ def test_old_policy_probe_agrees_on_trl_and_verl():
     mask = generation_batch(subject.example)["completion_mask"].bool()
     assert bool((verl.token_weights[mask] > 1).any())  # the probe's divergences give weights above 1
     assert verl.grad.abs().sum() > 0
+
+
+def test_the_hook_table_names_the_adapters_that_run_each_hook_outside_the_standard_set(tmp_path):
+    """``docs/hooks.md`` says which adapters run a hook outside the standard set (``Hook.runs_on``): exactly
+    those adapters provide its feature at their default settings (verl: with the ``grpo_plugins`` trainer)."""
+    from hydra import compose, initialize_config_module
+    from trl import GRPOConfig
+
+    from grpo_plugins.hooktable import TABLE
+    from grpo_plugins_trl.trainer import trl_capabilities
+    from grpo_plugins_verl.capabilities import verl_capabilities
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        verl_config = compose(config_name="ppo_trainer", overrides=["trainer.v1.trainer_mode=grpo_plugins"])
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, report_to=[], use_cpu=True,
+                      bf16=False)
+    features = {"TRL": trl_capabilities(args).features, "verl": verl_capabilities(verl_config).features}
+    outside = [hook for hook in TABLE if not hook.provided]
+    assert outside
+    for hook in outside:
+        assert {name for name, provided in features.items() if hook.feature in provided} == set(hook.runs_on), hook.name
