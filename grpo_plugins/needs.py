@@ -68,7 +68,8 @@ PROVIDED_FEATURES: frozenset[str] = frozenset(
 DESIGNED_BATCH_FIELDS: frozenset[str] = frozenset(("old_entropies", "old_log_probs_at", "gradient_statistics",
                                                    "probes", "update_preview", "steps"))
 DESIGNED_LOSS_FIELDS: frozenset[str] = frozenset(("group_index",))
-"""Fields of the designed hook surface that no adapter fills yet."""
+"""Fields outside the standard set: an adapter fills each only where its capabilities add it (e.g. ``probes``
+with the old-policy probe; ``gradient_statistics`` and ``update_preview`` on TRL only)."""
 
 BATCH_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(GRPOBatch))
 LOSS_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(LossInputs))
