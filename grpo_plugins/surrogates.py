@@ -11,6 +11,25 @@ from __future__ import annotations
 import torch
 
 
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's length-normalised sequence log-ratio ``(B, 1)``: ``sum_t m_t log r_t / max(sum_t m_t, 1)``
+    from the per-token log-ratios ``(B, T)`` and the loss mask ``(B, T)`` (TRL's
+    ``importance_sampling_level="sequence"``)."""
+    return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+
+
+def bounded_log_ratio(log_probs: torch.Tensor, old_log_probs: torch.Tensor, bound: float = 20.0) -> torch.Tensor:
+    """``clamp(log pi - log pi_old, -bound, bound)`` ``(B, T)``: verl's log-ratio, bounded so that its
+    exponential stays finite."""
+    return torch.clamp(log_probs - old_log_probs, min=-bound, max=bound)
+
+
+def k3_kl(ref_log_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """Schulman's ``k3`` estimate of ``KL(pi || pi_ref)`` per token ``(B, T)``:
+    ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` (>= 0; TRL's ``beta`` term)."""
+    return torch.exp(ref_log_probs - log_probs) - (ref_log_probs - log_probs) - 1
+
+
 def ppo_clip_loss(
     ratio: torch.Tensor,
     advantages: torch.Tensor,

@@ -21,7 +21,7 @@ from trl.trainer.utils import nanmax, nanmin
 
 from grpo_plugins import LossInputs
 from grpo_plugins.aggregation import aggregate_policy_loss
-from grpo_plugins.surrogates import cispo_loss, ppo_clip_loss, sapo_loss
+from grpo_plugins.surrogates import cispo_loss, k3_kl, ppo_clip_loss, sapo_loss, sequence_log_ratio
 
 if TYPE_CHECKING:
     from grpo_plugins_trl.trainer import PluginGRPOTrainer
@@ -124,11 +124,11 @@ def per_token_losses(trainer: "PluginGRPOTrainer", model: Any, inputs: dict):
     log_ratio = per_token_logps - old_per_token_logps
     log_weights = log_ratio
     if trainer.importance_sampling_level == "sequence":  # GSPO: the length-normalised sequence ratio, (B, 1)
-        log_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        log_weights = sequence_log_ratio(log_ratio, mask)
     coef_1 = torch.exp(log_weights)
     per_token_kl = None
     if trainer.beta != 0.0:
-        per_token_kl = torch.exp(ref_per_token_logps - per_token_logps) - (ref_per_token_logps - per_token_logps) - 1
+        per_token_kl = k3_kl(ref_per_token_logps, per_token_logps)
         if args.use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
     phi = None

@@ -22,7 +22,7 @@ from verl.trainer.ppo.core_algos import agg_loss
 
 from grpo_plugins import LossInputs, LossTerm, RunContext
 from grpo_plugins.objectives import whole_group_methods
-from grpo_plugins.surrogates import dual_clip_loss, ppo_clip_loss
+from grpo_plugins.surrogates import bounded_log_ratio, dual_clip_loss, ppo_clip_loss
 
 from grpo_plugins_verl.extras import fit_width
 from grpo_plugins_verl.objectives import GROUP_INDEX, GROUP_SIZE, check_micro_batch, objective_loss, set_up_worker
@@ -44,7 +44,7 @@ def vanilla_per_token_loss(inputs: LossInputs, clip_ratio_c: float = 3.0) -> tup
     the values and gradients of ``core_algos.compute_policy_loss_vanilla``, bit for bit (tested).
     """
     mask, advantages = inputs.mask.bool(), inputs.advantages
-    ratio = torch.exp(torch.clamp(inputs.log_probs - inputs.old_log_probs, min=-20.0, max=20.0))
+    ratio = torch.exp(bounded_log_ratio(inputs.log_probs, inputs.old_log_probs))
     losses = dual_clip_loss(ratio, advantages, inputs.clip_low, inputs.clip_high, clip_ratio_c)
     with torch.no_grad():
         clipped = ppo_clip_loss(ratio, advantages, inputs.clip_low, inputs.clip_high)
@@ -91,7 +91,7 @@ def loss_stage(inputs: LossInputs, clip_ratio_c: float
         parts = get_runtime().composition.run_loss_stage(inputs, trainer_surrogate)
         policy, terms, objectives = parts.policy, parts.terms, parts.objectives
     with torch.no_grad():
-        log_ratio = torch.clamp(inputs.log_probs - inputs.old_log_probs, min=-20.0, max=20.0)
+        log_ratio = bounded_log_ratio(inputs.log_probs, inputs.old_log_probs)
         metrics["actor/ppo_kl"] = verl_F.masked_mean(-log_ratio, inputs.mask.bool()).item()
     return policy, terms, objectives, metrics
 
