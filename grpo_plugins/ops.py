@@ -119,8 +119,9 @@ def group_normalize(
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Sum of ``values * mask`` over ``dim`` (all elements when ``None``)."""
-    weighted = values * mask
+    """Sum of ``values * mask`` over ``dim`` (all elements when ``None``). Where ``mask`` is 0 the value
+    is not read: NaN or inf in padding positions adds 0 (and gets a zero gradient)."""
+    weighted = torch.where(mask != 0, values * mask, 0.0)
     return weighted.sum() if dim is None else weighted.sum(dim)
 
 

@@ -103,6 +103,17 @@ def test_masked_sum_and_mean_match_a_loop():
     assert float(ops.masked_mean(torch.tensor([[2.0, 4.0]]), torch.tensor([[0.5, 1.5]]))) == pytest.approx((1 + 6) / 2)
 
 
+def test_masked_statistics_ignore_nan_and_inf_in_padding():
+    values = torch.tensor([[1.0, 3.0, float("nan")], [float("inf"), 2.0, float("-inf")]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    assert ops.masked_sum(values, mask, dim=-1).tolist() == [4.0, 2.0]
+    assert ops.masked_mean(values, mask, dim=-1).tolist() == [2.0, 2.0]
+    total = ops.global_masked_mean(values, mask.bool(), ParallelContext())
+    assert float(total) == 2.0
+    total.backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[1 / 3, 1 / 3, 0.0], [0.0, 1 / 3, 0.0]]))
+
+
 def test_single_process_global_statistics():
     values = torch.tensor([1.0, 2.0, 4.0, 7.0])
     mean, std = ops.global_mean_std(values, ParallelContext())
