@@ -1,5 +1,5 @@
 """Vectorised helpers shared by methods: segment (group) statistics over variable-size groups,
-masked token means, and batch-global statistics that are correct across data-parallel ranks.
+masked token means, token log-probs from logits, and batch-global statistics that are correct across data-parallel ranks.
 
 ``index`` is always an ``(N,)`` int64 tensor of group ids in ``[0, G)``; groups may differ in size.
 No function here loops over completions or tokens.
@@ -134,6 +134,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     total = masked_sum(values, mask, dim)
     count = mask.sum() if dim is None else mask.sum(dim)
     return total / count.clamp(min=1)
+
+
+def token_log_probs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs ``(B, T)`` of ``tokens`` ``(B, T)`` under ``softmax(logits / temperature)`` from ``logits``
+    ``(B, T, V)``, and that distribution's entropy ``-sum_v p_v log p_v`` ``(B, T)`` when ``entropy``
+    (else None). Computed in the logits' dtype: pass float32 logits for float32 statistics."""
+    log_p = torch.log_softmax(logits / temperature, dim=-1)
+    picked = log_p.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked, (-(log_p.exp() * log_p).sum(-1) if entropy else None)
 
 
 def global_masked_mean(values: torch.Tensor, mask: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:

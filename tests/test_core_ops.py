@@ -210,3 +210,14 @@ def test_group_ranks_match_a_loop(seed, by_score):
 def test_group_ranks_of_a_grouped_batch_are_positions():
     index = torch.tensor([0, 0, 0, 1, 2, 2])
     assert ops.group_ranks(index, 3).tolist() == [0, 1, 2, 0, 0, 1]
+
+
+def test_token_log_probs_and_entropy_at_a_temperature():
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # p = (1/4, 3/4) at temperature 1
+    tokens = torch.tensor([[1]])
+    log_probs, entropy = ops.token_log_probs(logits, tokens, entropy=True)
+    assert log_probs.item() == pytest.approx(math.log(0.75))
+    assert entropy.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))
+    # temperature 2 halves the logits: p(token 1) = sqrt(3) / (1 + sqrt(3)); no entropy asked
+    log_probs, entropy = ops.token_log_probs(logits, tokens, temperature=2.0)
+    assert log_probs.item() == pytest.approx(math.log(math.sqrt(3) / (1 + math.sqrt(3)))) and entropy is None

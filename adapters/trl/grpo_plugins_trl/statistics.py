@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from grpo_plugins import CompositionError, TrainerCapabilities
+from grpo_plugins.ops import token_log_probs
 
 if TYPE_CHECKING:
     from grpo_plugins import Composition
@@ -135,13 +136,10 @@ def log_probs_at_temperatures(
     ``(B, T, V)`` (computed in float32), and the entropy ``-sum_v p_v log p_v`` at ``entropy_temperature``
     (None: not computed). Returns ``({tau: (B, T)}, (B, T) or None)``."""
     logits = logits.float()
-    index = tokens.unsqueeze(-1)
-    at = {tau: torch.log_softmax(logits / tau, dim=-1).gather(-1, index).squeeze(-1) for tau in temperatures}
-    entropy = None
-    if entropy_temperature is not None:
-        log_p = torch.log_softmax(logits / entropy_temperature, dim=-1)
-        entropy = -(log_p.exp() * log_p).sum(-1)
-    return at, entropy
+    at = {tau: token_log_probs(logits, tokens, tau)[0] for tau in temperatures}
+    if entropy_temperature is None:
+        return at, None
+    return at, token_log_probs(logits, tokens, entropy_temperature, entropy=True)[1]
 
 
 def temperature_pass(

@@ -53,6 +53,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from grpo_plugins.ops import token_log_probs
+
 TINY_OVERRIDES = (
     "data.train_batch_size=2",
     "data.max_prompt_length=32",
@@ -183,14 +185,12 @@ class CPUEngine:
         attention = (torch.arange(padded.shape[1]) < lengths[:, None]).long()
         temperature = float(tu.get_non_tensor_data(micro_batch, "temperature", default=1.0) or 1.0)
         logits = self.module(input_ids=padded, attention_mask=attention, position_ids=positions, use_cache=False).logits
-        logits = logits.float() / temperature
-        log_softmax = torch.log_softmax(logits, dim=-1)
         labels = torch.roll(padded, shifts=-1, dims=1)  # position t scores token t + 1
-        log_probs = log_softmax.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        with_entropy = bool(tu.get_non_tensor_data(micro_batch, "calculate_entropy", default=False))
+        log_probs, entropy = token_log_probs(logits.float(), labels, temperature, entropy=with_entropy)
         valid = attention.bool()
         model_output = {"log_probs": _nested(log_probs[valid], lengths)}
-        if tu.get_non_tensor_data(micro_batch, "calculate_entropy", default=False):
-            entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+        if with_entropy:
             model_output["entropy"] = _nested(entropy[valid], lengths)
         if loss_function is not None:
             loss, metrics = loss_function(model_output=model_output, data=micro_batch, dp_group=None)
