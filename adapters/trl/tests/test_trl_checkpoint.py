@@ -82,6 +82,18 @@ def test_resume_without_method_state_is_refused_unless_fresh_state_is_asked_for(
     tiny_grpo_run(["ngrpo"], output_dir=str(tmp_path / "stateless"), **resume)
 
 
+def test_a_run_without_methods_writes_trls_checkpoint_and_a_stateful_resume_of_it_is_refused(tmp_path):
+    from grpo_plugins import CompositionError
+
+    run = dict(max_steps=2, reward_funcs=digit_overlap_reward, save_strategy="steps", save_steps=2)
+    tiny_grpo_run([], output_dir=str(tmp_path / "plain"), **run)
+    checkpoint = tmp_path / "plain" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").exists() and not (checkpoint / STATE_FILE).exists()
+    with pytest.raises(CompositionError, match=f"holds no {STATE_FILE}.*'counter'"):
+        tiny_grpo_run([Counter()], output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(checkpoint),
+                      **{**run, "max_steps": 3})
+
+
 def test_a_corrupt_state_file_is_named(tmp_path):
     from grpo_plugins import CompositionError
 
