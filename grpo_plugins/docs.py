@@ -118,7 +118,8 @@ def render() -> str:
             "```",
             "",
             f"Combine mode: `{hook.combine}` · stage: {hook.stage} · trainer feature: `{hook.feature}`"
-            + ("" if hook.provided else f" · **{_runs_on(hook)}; refused at start-up wherever its feature is not provided**"),
+            + ("" if hook.provided
+               else f" · **{_runs_on(hook)}; refused at start-up where its feature is not provided**"),
             "",
             f"Output contract: {hook.output.text()}. {hook.effect}",
             "",

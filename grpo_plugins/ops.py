@@ -1,5 +1,6 @@
 """Vectorised helpers shared by methods: segment (group) statistics over variable-size groups,
-masked token means, token log-probs from logits, and batch-global statistics that are correct across data-parallel ranks.
+masked token means, token log-probs from logits, and batch-global statistics that are correct across
+data-parallel ranks.
 
 ``index`` is always an ``(N,)`` int64 tensor of group ids in ``[0, G)``; groups may differ in size.
 No function here loops over completions or tokens.

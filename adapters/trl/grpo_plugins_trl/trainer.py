@@ -508,7 +508,7 @@ class PluginGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.should_save and not self._plugin_passthrough:  # no method: TRL's checkpoint as it is
+        if self.args.should_save and not self._plugin_passthrough:  # no method: TRL's own checkpoint
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
