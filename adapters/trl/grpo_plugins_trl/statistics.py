@@ -129,25 +129,13 @@ def entropy_pass(trainer: "PluginGRPOTrainer", out: dict) -> torch.Tensor:
     return entropies
 
 
-def log_probs_at_temperatures(
-    logits: torch.Tensor, tokens: torch.Tensor, temperatures: tuple[float, ...], entropy_temperature: float | None
-) -> tuple[dict[float, torch.Tensor], torch.Tensor | None]:
-    """Log-probs of ``tokens`` ``(B, T)`` under ``softmax(logits / tau)`` for each ``tau``, from ``logits``
-    ``(B, T, V)`` (computed in float32), and the entropy ``-sum_v p_v log p_v`` at ``entropy_temperature``
-    (None: not computed). Returns ``({tau: (B, T)}, (B, T) or None)``."""
-    logits = logits.float()
-    at = {tau: token_log_probs(logits, tokens, tau)[0] for tau in temperatures}
-    if entropy_temperature is None:
-        return at, None
-    return at, token_log_probs(logits, tokens, entropy_temperature, entropy=True)[1]
-
-
 def temperature_pass(
     trainer: "PluginGRPOTrainer", out: dict, temperatures: tuple[float, ...], want_entropy: bool
 ) -> tuple[dict[float, torch.Tensor], torch.Tensor | None]:
     """``{tau: (n, T)}`` log-probs of this rank's completion tokens at each temperature (and ``(n, T)``
     entropies at ``args.temperature`` when ``want_entropy``), from one no-grad forward through the model's
-    own head in chunks of ``per_device_train_batch_size`` rows. Padding positions hold 0."""
+    own head in chunks of ``per_device_train_batch_size`` rows, the logits in float32
+    (:func:`grpo_plugins.ops.token_log_probs`). Padding positions hold 0."""
     from trl.models.utils import disable_gradient_checkpointing
 
     ids, attention, forward_kwargs = _inputs(trainer, out)
@@ -165,12 +153,11 @@ def temperature_pass(
             rows = slice(start, start + size)
             with trainer.accelerator.autocast():
                 logits = trainer.model(input_ids=ids[rows], attention_mask=attention[rows], logits_to_keep=width + 1,
-                                       use_cache=False).logits[:, :-1]
-            at, entropy = log_probs_at_temperatures(logits, completion[rows], temperatures,
-                                                    trainer.args.temperature if want_entropy else None)
-            keep = mask[rows]
-            chunks_at.append({tau: torch.where(keep, v, 0.0) for tau, v in at.items()})
-            if entropy is not None:
+                                       use_cache=False).logits[:, :-1].float()
+            tokens, keep = completion[rows], mask[rows]
+            chunks_at.append({tau: torch.where(keep, token_log_probs(logits, tokens, tau)[0], 0.0) for tau in temperatures})
+            if want_entropy:
+                entropy = token_log_probs(logits, tokens, trainer.args.temperature, entropy=True)[1]
                 chunks_entropy.append(torch.where(keep, entropy, 0.0))
     merged = {tau: torch.cat([chunk[tau] for chunk in chunks_at]) for tau in temperatures}
     return merged, torch.cat(chunks_entropy) if want_entropy else None
