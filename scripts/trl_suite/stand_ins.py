@@ -36,9 +36,6 @@ def _build(config, lines):
     raise ValueError(f"stand-in zen: unknown config {config!r}")
 
 
-_real_load_dataset = datasets.load_dataset
-
-
 def load_dataset(path, name=None, split=None, streaming=False, **kwargs):
     if path != "trl-internal-testing/zen":
         raise RuntimeError(f"no offline stand-in for dataset {path!r}")
