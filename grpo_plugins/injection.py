@@ -150,6 +150,47 @@ def injected_rewards(rows: Sequence[InjectedRow], dtype: torch.dtype = torch.flo
     return torch.tensor([math.nan if r.reward is None else r.reward for r in rows], dtype=dtype)
 
 
+def source_rows(prompt_ids: torch.Tensor, rows: Sequence[InjectedRow]) -> torch.Tensor:
+    """``(K,)`` int64: for each injected row, the first row of ``prompt_ids`` ``(N,)`` holding its prompt
+    (the row it copies its prompt, dataset row and prompt tokens from). Every ``prompt_id`` must be in
+    the batch (:func:`parse_rows` checks it)."""
+    ids = prompt_ids.detach().cpu().long()
+    wanted = torch.tensor([r.prompt_id for r in rows], dtype=torch.long)
+    distinct, inverse = torch.unique(ids, return_inverse=True)  # sorted
+    first = torch.full((distinct.numel(),), ids.numel(), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(ids.numel()), reduce="amin")
+    return first[torch.searchsorted(distinct, wanted)]
+
+
+def completion_tokens(rows: Sequence[InjectedRow], tokenizer: Any, limit: int | None = None) -> list[list[int]]:
+    """Each row's completion token ids, as the trainers' rollouts end: text is tokenised without special
+    tokens and gets the end-of-sequence token appended (when the tokenizer has one); token ids are taken
+    as they are; both are cut at ``limit`` tokens (None: not cut)."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for row in rows:
+        if isinstance(row.completion, str):
+            ids = list(tokenizer(row.completion, add_special_tokens=False)["input_ids"])
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids.append(eos)
+        else:
+            ids = list(row.completion)
+        out.append(ids if limit is None else ids[:limit])
+    return out
+
+
+def padded_tokens(token_lists: Sequence[Sequence[int]], pad_id: int = 0, width: int | None = None,
+                  device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` ``(K, W)`` of ``K`` token lists padded on the right with ``pad_id`` (int64; mask
+    float32, 1 on the lists' tokens); ``W`` is ``width`` or the longest list."""
+    width = max([len(ids) for ids in token_lists] + [0]) if width is None else width
+    lengths = torch.tensor([len(ids) for ids in token_lists], dtype=torch.long)
+    mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    ids[mask] = torch.tensor([t for seq in token_lists for t in seq], dtype=torch.long)
+    return ids.to(device), mask.float().to(device)
+
+
 def append_rows(batch: "GRPOBatch", rows: Sequence[InjectedRow], completion_ids: Sequence[Sequence[int]],
                 reward_components: torch.Tensor | None = None) -> "GRPOBatch":
     """A new batch: ``batch`` with ``rows`` appended (the trainer-independent view of what an adapter
@@ -168,10 +209,7 @@ def append_rows(batch: "GRPOBatch", rows: Sequence[InjectedRow], completion_ids:
     """
     k = len(rows)
     device = batch.rewards.device
-    first = {}
-    for i, pid in enumerate(batch.prompt_ids.tolist()):
-        first.setdefault(pid, i)
-    source = torch.tensor([first[r.prompt_id] for r in rows], dtype=torch.long)
+    source = source_rows(batch.prompt_ids, rows)
     components = None
     if batch.reward_components is not None:
         width = batch.reward_components.shape[1]
@@ -192,11 +230,7 @@ def append_rows(batch: "GRPOBatch", rows: Sequence[InjectedRow], completion_ids:
             return x
         return torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), fill)], dim=1)
 
-    new_ids = torch.zeros(k, width, dtype=torch.long, device=device)
-    new_mask = torch.zeros(k, width, dtype=torch.float32, device=device)
-    for i, ids in enumerate(completion_ids):
-        new_ids[i, :len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        new_mask[i, :len(ids)] = 1.0
+    new_ids, new_mask = padded_tokens(completion_ids, width=width, device=device)
     token_fields = {}
     for name in ("completion_ids", "completion_mask", "old_log_probs", "ref_log_probs"):
         value = widen(getattr(batch, name), 0)

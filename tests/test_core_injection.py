@@ -10,8 +10,8 @@ import torch
 
 from grpo_plugins import Composition, GRPOBatch, Method, hookimpl
 from grpo_plugins.errors import PluginError
-from grpo_plugins.injection import (INJECTED_KEY, InjectedRow, Layout, append_rows, injected_rows, kind_code,
-                                    parse_rows, rows_of_kind)
+from grpo_plugins.injection import (INJECTED_KEY, InjectedRow, Layout, append_rows, completion_tokens, injected_rows,
+                                    kind_code, padded_tokens, parse_rows, rows_of_kind, source_rows)
 
 
 def small_batch() -> GRPOBatch:
@@ -76,6 +76,36 @@ def test_append_rows_extends_every_per_row_field_and_marks_kinds():
     assert injected_rows(out.row_data, out.rewards).tolist() == [False] * 4 + [True, True]
     assert rows_of_kind(out.row_data, "anchor", out.rewards).tolist() == [False] * 5 + [True]
     assert out.group_sizes.tolist() == [3, 3]  # the rows joined their prompts' groups
+
+
+def test_each_injected_row_copies_the_first_row_of_its_prompt():
+    prompt_ids = torch.tensor([9, 9, 7, 7, 9, 3])  # prompt 9 comes first at row 0 and again at row 4
+    rows = [InjectedRow(7, "a"), InjectedRow(9, "b"), InjectedRow(3, "c"), InjectedRow(7, "d")]
+    assert source_rows(prompt_ids, rows).tolist() == [2, 0, 5, 2]
+    assert source_rows(prompt_ids, []).tolist() == []
+
+
+def test_token_lists_are_padded_on_the_right_with_a_mask():
+    ids, mask = padded_tokens([[4, 5, 6], [7], []], pad_id=1)
+    assert ids.tolist() == [[4, 5, 6], [7, 1, 1], [1, 1, 1]]
+    assert mask.dtype == torch.float32 and mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    wide, _ = padded_tokens([[4]], width=3)
+    assert wide.tolist() == [[4, 0, 0]]
+
+
+class CharTokenizer:
+    """A tokenizer with the call convention of ``transformers``: one id per character, end-of-sequence 0."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def test_completion_tokens_end_text_like_a_rollout_and_take_ids_as_they_are():
+    rows = [InjectedRow(7, "ab"), InjectedRow(7, (5, 6, 7, 8)), InjectedRow(9, "abcdef")]
+    assert completion_tokens(rows, CharTokenizer()) == [[97, 98, 0], [5, 6, 7, 8], [97, 98, 99, 100, 101, 102, 0]]
+    assert completion_tokens(rows, CharTokenizer(), limit=3) == [[97, 98, 0], [5, 6, 7], [97, 98, 99]]
 
 
 def test_without_injection_no_row_is_injected():

@@ -38,7 +38,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from grpo_plugins import CompositionError, TrainerCapabilities
-from grpo_plugins.injection import INJECTED_KEY, Layout, injected_rewards, method_conflicts, parse_rows
+from grpo_plugins.injection import (
+    INJECTED_KEY, Layout, completion_tokens, injected_rewards, method_conflicts, padded_tokens, parse_rows,
+    source_rows,
+)
 from grpo_plugins_trl.refill import (
     _concat, _left, _pad_value, _trim, row_editing_blockers, scored_round, with_feature_unless,
 )
@@ -118,10 +121,7 @@ class Injection:
             return out
         for kind, count in sorted(Counter(r.kind for r in rows).items()):
             metrics[METRIC_PREFIX + kind].append(float(count))
-        first = {}
-        for i, pid in enumerate(gathered["prompt_ids"]):
-            first.setdefault(int(pid), i)
-        source = torch.tensor([first[r.prompt_id] for r in rows], dtype=torch.long)
+        source = source_rows(batch.prompt_ids, rows)  # each row's first generated row of its prompt
         everyone = {key: self._gather(key, value) for key, value in out.items() if key != "num_items_in_batch"}
         unknown = sorted(set(everyone) - set(ROW_KEYS))
         if unknown or any(v.dim() == 0 for v in everyone.values()):
@@ -173,27 +173,14 @@ class Injection:
 
     def _tokens(self, rows, everyone: dict, source: torch.Tensor) -> tuple[dict, list[str], list[list[int]]]:
         """The injected rows' prompt tensors (their group's), completion tokens and texts."""
-        t = self.trainer
-        tokenizer, limit = t._tokenizer, t.max_completion_length
-        eos = tokenizer.eos_token_id
-        token_lists, texts = [], []
-        for r in rows:
-            if isinstance(r.completion, str):
-                ids = list(tokenizer(r.completion, add_special_tokens=False)["input_ids"])
-                if eos is not None and (not ids or ids[-1] != eos):
-                    ids.append(eos)
-                texts.append(r.completion)
-            else:
-                ids = list(r.completion)
-                texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-            token_lists.append(ids[:limit])
+        tokenizer = self.trainer._tokenizer
+        token_lists = completion_tokens(rows, tokenizer, self.trainer.max_completion_length)
+        texts = [r.completion if isinstance(r.completion, str) else
+                 tokenizer.decode(list(r.completion), skip_special_tokens=True) for r in rows]
         device = everyone["completion_ids"].device
-        width = max(len(ids) for ids in token_lists)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(rows), width), dtype=everyone["completion_mask"].dtype, device=device)
-        for i, row_ids in enumerate(token_lists):
-            ids[i, :len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
-            mask[i, :len(row_ids)] = 1
+        ids, mask = padded_tokens(token_lists, tokenizer.pad_token_id, device=device)
+        mask = mask.to(everyone["completion_mask"].dtype)
+        width = ids.shape[1]
         picked = source.to(device)
         extra = {"prompt_ids": everyone["prompt_ids"].index_select(0, picked),
                  "prompt_mask": everyone["prompt_mask"].index_select(0, picked),

@@ -42,7 +42,9 @@ import numpy as np
 import torch
 
 from grpo_plugins import CompositionError, GRPOBatch, ParallelContext
-from grpo_plugins.injection import INJECTED_KEY, InjectedRow, method_conflicts, parse_rows
+from grpo_plugins.injection import (
+    INJECTED_KEY, InjectedRow, completion_tokens, method_conflicts, parse_rows, source_rows,
+)
 
 from grpo_plugins_verl.extras import reward_components
 from grpo_plugins_verl.settings import COLOCATED_REWARD_MODEL, colocated_reward_model
@@ -83,22 +85,6 @@ def injection_problems(composition: "Composition") -> list[str]:
     reasons = []
     reasons += method_conflicts(composition)
     return [f"method(s) {who} inject rows (hook inject_rows), which cannot run with {reason}" for reason in reasons]
-
-
-def completion_tokens(rows: Sequence[InjectedRow], tokenizer: Any, limit: int) -> list[list[int]]:
-    """Each row's completion token ids: text tokenised without special tokens with the end-of-sequence token
-    appended (as a generated completion ends), token ids as they are; cut at ``limit`` tokens."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for row in rows:
-        if isinstance(row.completion, str):
-            ids = list(tokenizer(row.completion, add_special_tokens=False)["input_ids"])
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids.append(eos)
-        else:
-            ids = list(row.completion)
-        out.append(ids[:limit])
-    return out
 
 
 def injected_sample(source: dict, response_ids: Sequence[int], reward: float, reward_info: dict) -> dict:
@@ -206,17 +192,14 @@ class Injection:
             metrics[METRIC_PREFIX + kind] = float(count)
         if not rows:
             return batch
-        first: dict[int, int] = {}
-        for i, pid in enumerate(scored.prompt_ids.tolist()):
-            first.setdefault(int(pid), i)
-        sources = sorted({first[r.prompt_id] for r in rows})
+        source = source_rows(scored.prompt_ids, rows).tolist()  # each row's first sampled row of its prompt
+        sources = sorted(set(source))
         fetched = tq.kv_batch_get(keys=[keys[i] for i in sources], partition_id=batch.partition_id)
         source_of = {i: fetched[j] for j, i in enumerate(sources)}
         limit = int(t.config.actor_rollout_ref.rollout.response_length)
         token_lists = completion_tokens(rows, t.tokenizer, limit)
         new_keys, samples, tags = [], [], []
-        for j, (row, ids) in enumerate(zip(rows, token_lists)):
-            index = first[row.prompt_id]
+        for j, (row, ids, index) in enumerate(zip(rows, token_lists, source)):
             source = {key: source_of[index][key] for key in source_of[index].keys()}
             held = [name for name in UNSUPPORTED_FIELDS if isinstance(source.get(name), torch.Tensor)]
             if held or source.get("multi_modal_inputs"):

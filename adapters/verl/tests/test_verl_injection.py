@@ -12,9 +12,9 @@ import torch
 from hydra import compose, initialize_config_module
 
 from grpo_plugins import Composition, CompositionError, LossTerm, Method, Needs, hookimpl
-from grpo_plugins.injection import INJECTED_KEY, InjectedRow, kind_code
+from grpo_plugins.injection import INJECTED_KEY, InjectedRow, completion_tokens, kind_code
 from grpo_plugins_verl.capabilities import check_run, verl_capabilities
-from grpo_plugins_verl.injection import Injection, add_field, completion_tokens, injected_sample
+from grpo_plugins_verl.injection import Injection, add_field, injected_sample
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "verl" / "make_tiny_assets.py"
 
