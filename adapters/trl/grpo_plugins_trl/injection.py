@@ -42,9 +42,8 @@ from grpo_plugins.injection import (
     INJECTED_KEY, Layout, completion_tokens, injected_rewards, method_conflicts, padded_tokens, parse_rows,
     source_rows,
 )
-from grpo_plugins_trl.refill import (
-    _concat, _left, _pad_value, _trim, row_editing_blockers, scored_round, with_feature_unless,
-)
+from grpo_plugins_trl.output_rows import concat_rows, finish, gather_global, pad_value, row_editing_blockers
+from grpo_plugins_trl.refill import scored_round
 
 if TYPE_CHECKING:
     from grpo_plugins import Composition
@@ -69,7 +68,10 @@ def _blockers(args: Any, dataset: Any) -> list[str]:
 
 def with_row_injection(caps: TrainerCapabilities, args: Any, dataset: Any = None) -> TrainerCapabilities:
     """``caps`` plus ``row_injection``, unless a TRL setting prevents it (then without it, with the reason)."""
-    return with_feature_unless(caps, FEATURE, _blockers(args, dataset))
+    caps = caps.with_features(FEATURE)
+    for reason in _blockers(args, dataset):
+        caps = caps.without(FEATURE, because=reason)
+    return caps
 
 
 def injection_problems(args: Any, composition: "Composition", dataset: Any = None) -> list[str]:
@@ -122,7 +124,7 @@ class Injection:
         for kind, count in sorted(Counter(r.kind for r in rows).items()):
             metrics[METRIC_PREFIX + kind].append(float(count))
         source = source_rows(batch.prompt_ids, rows)  # each row's first generated row of its prompt
-        everyone = {key: self._gather(key, value) for key, value in out.items() if key != "num_items_in_batch"}
+        everyone = {key: gather_global(t, key, value) for key, value in out.items() if key != "num_items_in_batch"}
         unknown = sorted(set(everyone) - set(ROW_KEYS))
         if unknown or any(v.dim() == 0 for v in everyone.values()):
             raise ValueError(f"row injection cannot build TRL's output {unknown or 'scalars'} for injected rows")
@@ -136,13 +138,11 @@ class Injection:
         local = torch.arange(start, start + layout.per_rank)
         new: dict = {}
         for key, value in everyone.items():
-            joined = _concat(key, [value, extra[key].to(value.device, value.dtype)], _pad_value(key, t))
+            joined = concat_rows(key, [value, extra[key].to(value.device, value.dtype)], pad_value(key, t))
             if layout.fillers:
                 joined = torch.cat([joined, _fillers(key, joined[-1:], layout.fillers, t)])
             new[key] = joined.index_select(0, local.to(joined.device))
-        _trim(new, pad_to=getattr(t, "pad_to_multiple_of", None))
-        loss_mask = new["completion_mask"] if "tool_mask" not in new else new["completion_mask"] * new["tool_mask"]
-        new["num_items_in_batch"] = t.accelerator.gather(loss_mask.sum()).sum()
+        finish(t, new)
         metrics[METRIC_PREFIX + "filler_rows"].append(float(layout.fillers))
         device = gathered["rewards_per_func"].device
         codes = torch.zeros(total + len(rows), dtype=torch.long, device=device)
@@ -163,13 +163,6 @@ class Injection:
         t._plugin_real_rows = layout.rows
         self._log_table(prompts, completions, components, override[total:])
         return new
-
-    def _gather(self, key: str, value: torch.Tensor) -> torch.Tensor:
-        """This rank's ``(n, ...)`` -> ``(N, ...)`` (token widths padded across ranks on the key's side)."""
-        acc = self.trainer.accelerator
-        if value.dim() >= 2:
-            value = acc.pad_across_processes(value, dim=1, pad_index=_pad_value(key, self.trainer), pad_first=_left(key))
-        return acc.gather(value)
 
     def _tokens(self, rows, everyone: dict, source: torch.Tensor) -> tuple[dict, list[str], list[list[int]]]:
         """The injected rows' prompt tensors (their group's), completion tokens and texts."""

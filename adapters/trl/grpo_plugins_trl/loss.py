@@ -22,6 +22,7 @@ from trl.trainer.utils import nanmax, nanmin
 from grpo_plugins import LossInputs
 from grpo_plugins.aggregation import aggregate_policy_loss
 from grpo_plugins.surrogates import cispo_loss, k3_kl, ppo_clip_loss, sapo_loss, sequence_log_ratio
+from grpo_plugins_trl.output_rows import loss_mask
 
 if TYPE_CHECKING:
     from grpo_plugins_trl.trainer import PluginGRPOTrainer
@@ -82,7 +83,7 @@ def per_token_losses(trainer: "PluginGRPOTrainer", model: Any, inputs: dict):
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    mask = loss_mask(inputs)
     per_token_logps, entropies, aux_loss = trainer._get_per_token_logps_and_entropies(
         model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
         compute_aux_loss=trainer.aux_loss_enabled, **{key: inputs.get(key) for key in FORWARD_KEYS},

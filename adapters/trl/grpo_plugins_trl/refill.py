@@ -42,6 +42,9 @@ from grpo_plugins import CompositionError, GRPOBatch, PromptRound, TrainerCapabi
 from grpo_plugins.batch_editing import EXHAUSTED, REWARD_METRIC, RefillPlan, filter_groups_keep, kept_groups
 from grpo_plugins.ops import segment_min
 from grpo_plugins.validation import validate_batch
+from grpo_plugins_trl.output_rows import (
+    concat_rows, finish, gather_global, loss_mask, pad_value, row_editing_blockers,
+)
 
 if TYPE_CHECKING:
     from grpo_plugins import Composition
@@ -50,31 +53,11 @@ if TYPE_CHECKING:
 FEATURE = "batch_editing"
 METRIC_PREFIX = "batch_editing/"
 OLD_ENTROPIES_KEY = "grpo_plugins.refill.old_entropies"  # TRL's old-pass entropies of a round, carried with its rows
-IMAGE_COLUMNS = ("image", "images")
 
 
 def enabled(args: Any, composition: "Composition") -> bool:
     """Whether the run edits batches: the ``filter_groups`` option, or a method implementing ``keep_rows``."""
     return bool(getattr(args, "filter_groups", False)) or composition.implements("keep_rows")
-
-
-def row_editing_blockers(args: Any, dataset: Any, images: str, aggregation: str) -> list[str]:
-    """The TRL settings under which the adapter cannot add or replace rows after scoring, as reasons: image
-    columns (``images``: why) and an aggregation that normalises over the batch first (``aggregation``: why)."""
-    reasons = []
-    columns = set(getattr(dataset, "column_names", None) or ())
-    if columns & set(IMAGE_COLUMNS):
-        reasons.append(f"image columns {sorted(columns & set(IMAGE_COLUMNS))} ({images})")
-    if args.multi_objective_aggregation != "sum_then_normalize":
-        reasons.append(f"multi_objective_aggregation='{args.multi_objective_aggregation}' ({aggregation}; use "
-                       "'sum_then_normalize')")
-    return reasons
-
-
-def with_feature_unless(caps: TrainerCapabilities, feature: str, reasons: list[str]) -> TrainerCapabilities:
-    """``caps`` plus ``feature``, or without it naming ``reasons`` when there are any."""
-    caps = caps.with_features(feature)
-    return caps.without(feature, because="; ".join(reasons)) if reasons else caps
 
 
 def _blockers(args: Any, dataset: Any) -> list[str]:
@@ -88,7 +71,10 @@ def _blockers(args: Any, dataset: Any) -> list[str]:
 
 def with_batch_editing(caps: TrainerCapabilities, args: Any, dataset: Any = None) -> TrainerCapabilities:
     """``caps`` plus ``batch_editing``, unless a TRL setting prevents the refill (then without it, with the reason)."""
-    return with_feature_unless(caps, FEATURE, _blockers(args, dataset))
+    caps = caps.with_features(FEATURE)
+    for reason in _blockers(args, dataset):
+        caps = caps.without(FEATURE, because=reason)
+    return caps
 
 
 def refill_problems(args: Any, composition: "Composition", dataset: Any = None) -> list[str]:
@@ -126,8 +112,7 @@ def scored_round(trainer: "PluginGRPOTrainer", out: dict) -> Round:
     ``GRPOBatch`` (unshaped rewards) and the global rows of each group, in generation order."""
     t = trainer
     gathered = dict(t._plugin_gathered)
-    mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-    batch = t._scored_batch(out, t._gather_rows(mask).float())
+    batch = t._scored_batch(out, t._gather_rows(loss_mask(out)).float())
     index, num = batch.group_index.cpu(), batch.num_groups
     order = torch.argsort(segment_min(torch.arange(index.numel(), dtype=torch.float64), index, num))  # by first row
     rank = torch.empty_like(order)
@@ -266,22 +251,13 @@ class Refill:
                 continue
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 raise ValueError(f"batch editing cannot move TRL's output '{key}' between rounds ({type(value).__name__})")
-            parts = [self._gather_key(key, r.out[key]) for r in rounds]
-            out[key] = _concat(key, parts, _pad_value(key, t)).index_select(0, local.to(parts[0].device))
-        _trim(out, pad_to=getattr(t, "pad_to_multiple_of", None))
-        loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-        out["num_items_in_batch"] = t.accelerator.gather(loss_mask.sum()).sum()
+            parts = [gather_global(t, key, r.out[key]) for r in rounds]
+            out[key] = concat_rows(key, parts, pad_value(key, t)).index_select(0, local.to(parts[0].device))
+        finish(t, out)
         t._plugin_old_entropies = out.pop(OLD_ENTROPIES_KEY, None)
         self._select_gathered(rounds, selected)
         self._rewrite_completions_table(out, selected)
         return out
-
-    def _gather_key(self, key: str, value: torch.Tensor) -> torch.Tensor:
-        """One round's ``(n, ...)`` local tensor -> ``(N, ...)`` global (token widths padded across ranks)."""
-        t = self.trainer
-        if value.dim() >= 2:
-            value = t.accelerator.pad_across_processes(value, dim=1, pad_index=_pad_value(key, t), pad_first=_left(key))
-        return t.accelerator.gather(value)
 
     def _select_gathered(self, rounds: list[Round], selected: torch.Tensor) -> None:
         """The trainer's gathered scoring data (rewards, prompt ids, texts, rows) for the selected rows."""
@@ -307,48 +283,3 @@ class Refill:
         logs["advantages"].extend(t.accelerator.gather(out["advantages"]).tolist())
         for column in list(logs["extra"]):
             logs["extra"][column].clear()
-
-
-def _left(key: str) -> bool:
-    """Prompt tensors are padded on the left (TRL's layout), everything else on the right."""
-    return key.startswith("prompt_")
-
-
-def _pad_value(key: str, trainer: "PluginGRPOTrainer") -> float:
-    if key in ("prompt_ids", "completion_ids"):
-        return trainer._tokenizer.pad_token_id
-    return 1 if key == "tool_mask" else 0  # TRL pads tool_mask with 1
-
-
-def _concat(key: str, parts: list[torch.Tensor], pad: float) -> torch.Tensor:
-    """Rows of several rounds in one tensor, token widths padded with ``pad`` to the widest (on the key's side)."""
-    if parts[0].dim() < 2:
-        return torch.cat(parts)
-    width = max(p.shape[1] for p in parts)
-    padded = []
-    for p in parts:
-        if p.shape[1] < width:
-            fill = p.new_full((p.shape[0], width - p.shape[1], *p.shape[2:]), pad)
-            p = torch.cat([fill, p] if _left(key) else [p, fill], dim=1)
-        padded.append(p)
-    return torch.cat(padded)
-
-
-def _trim(out: dict, pad_to: int | None) -> None:
-    """Drop the columns no local row uses: leading prompt padding, trailing completion padding."""
-    prompt_used = out["prompt_mask"].sum(0) > 0
-    start = int(prompt_used.float().argmax()) if bool(prompt_used.any()) else out["prompt_mask"].shape[1] - 1
-    if pad_to:
-        start -= start % pad_to
-    width = out["completion_mask"].shape[1]
-    used = (out["completion_mask"].sum(0) > 0).nonzero()
-    keep = int(used.max()) + 1 if used.numel() else 1
-    if pad_to:
-        keep = min(width, -(-keep // pad_to) * pad_to)
-    for key, value in list(out.items()):
-        if value.dim() < 2:
-            continue
-        if _left(key):
-            out[key] = value[:, start:]
-        elif value.shape[1] == width:
-            out[key] = value[:, :keep]

@@ -28,7 +28,9 @@ from grpo_plugins import GRPOBatch, Method, ParallelContext, PromptRound
 from grpo_plugins.errors import CompositionError
 from grpo_plugins.needs import TrainerCapabilities
 from grpo_plugins.surrogates import weight_token_advantages
-from grpo_plugins_trl import checks, injection, objectives, probe, refill, statistics, turns, update_control
+from grpo_plugins_trl import (
+    checks, injection, objectives, output_rows, probe, refill, statistics, turns, update_control,
+)
 from grpo_plugins_trl.prefix import install_grouped_attention, refuse_shared_prefix
 
 logger = logging.getLogger("grpo_plugins_trl")
@@ -351,8 +353,7 @@ class PluginGRPOTrainer(GRPOTrainer):
 
     def _run_advantage_stage(self, out: dict, n: int) -> None:
         acc, c = self.accelerator, self.composition
-        loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-        global_mask = self._gather_rows(loss_mask).float()
+        global_mask = self._gather_rows(output_rows.loss_mask(out)).float()
         # No token left to learn from (e.g. mask_truncated_completions with every completion truncated):
         # like GRPOTrainer, the step runs with a zero loss; the methods skip the batch (no stage, no observe).
         self._plugin_skipped = not bool(global_mask.any())
