@@ -14,6 +14,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from grpo_plugins import GRPOBatch, ParallelContext
+
 TOKEN_FIELDS = {"responses": "completion_ids", "old_log_probs": "old_log_probs", "ref_log_prob": "ref_log_probs",
                 "entropy": "old_entropies"}
 """TransferQueue field -> ``GRPOBatch`` field, for the ``(B, T)`` response-aligned tensors."""
@@ -145,3 +147,35 @@ def batch_extras(
         read = step_fields and "extra_fields" in data.keys()
         extras[TURNS] = turn_rows(keys, data["extra_fields"] if read else None)
     return extras
+
+
+SCORED_FIELDS = ("rm_scores", "response_mask", "responses", "extra_fields", "raw_prompt")
+"""TransferQueue fields of scored rows read for the batch editing hooks (:func:`scored_batch`)."""
+
+
+def scored_batch(runtime: Any, keys: Sequence[str], data: Any, reward_keys: Iterable[str] | None = None,
+                 reward_weights: Sequence[float] | None = None, tokenizer: Any = None) -> GRPOBatch:
+    """The ``GRPOBatch`` of scored rows before the advantage stage, as ``keep_rows`` and ``inject_rows`` see
+    it: trajectory ``keys`` (``{uid}_{session}_{index}``) and their TransferQueue ``data`` (:data:`SCORED_FIELDS`).
+
+    Rewards are the sums of ``rm_scores`` (unshaped), with the response mask and tokens, the reward
+    components (and weights) of ``reward_extra_info``, the chat prompts, and, when a method requires
+    them, the decoded completions (``tokenizer``) and the dataset rows (``runtime.rows_for``); the step
+    is the trainer's current one. Row order: ``keys``.
+    """
+    uids = np.array([str(key).rsplit("_", 2)[0] for key in keys], dtype=object)
+    padded = data.select("rm_scores", "response_mask").to_padded_tensor()
+    required = runtime.composition.required_fields()
+    fields = batch_extras(data, reward_keys, reward_weights, tokenizer if "completions" in required else None)
+    batch = GRPOBatch(
+        prompt_ids=runtime.ids_for(uids),
+        rewards=padded["rm_scores"].float().sum(dim=-1),
+        completion_mask=padded["response_mask"].float(),
+        step=runtime.step,
+        total_steps=runtime.total_steps,
+        parallel=ParallelContext(gathered=True),
+        **fields,
+    )
+    if "rows" in required and runtime.rows_for is not None:
+        batch.rows = runtime.rows_for(runtime.dataset_indices(uids))
+    return batch

@@ -5,8 +5,9 @@ installed only when a method implements ``inject_rows`` (otherwise nothing here 
 unchanged). In each ``_step_once``, after verl's replay buffer sampled the step's scored rows (and after
 the refill of batch editing, when it runs) and before ``_balance_batch``:
 
-1. The sampled rows' ``GRPOBatch`` (rewards summed from ``rm_scores``, response mask and tokens, reward
-   components from ``reward_extra_info``, prompts, dataset rows) goes to ``inject_rows``; the rows are checked.
+1. The sampled rows' ``GRPOBatch`` (:func:`~grpo_plugins_verl.extras.scored_batch`: rewards summed from
+   ``rm_scores``, response mask and tokens, reward components from ``reward_extra_info``, prompts, and the
+   completions and dataset rows when a method requires them) goes to ``inject_rows``; the rows are checked.
 2. Each row becomes a verl trajectory in TransferQueue, key ``{uid}_inj{j}_0`` (``uid``: the group of its
    prompt, so verl and the advantage stage group it there): a copy of the group's first row with its
    completion tokens (text tokenised without special tokens, the end-of-sequence token appended, as a
@@ -41,13 +42,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from grpo_plugins import CompositionError, GRPOBatch, ParallelContext
+from grpo_plugins import CompositionError
 from grpo_plugins.injection import (
     INJECTED_KEY, InjectedRow, completion_tokens, method_conflicts, parse_rows, source_rows,
 )
 
-from grpo_plugins_verl.extras import reward_components
-from grpo_plugins_verl.settings import COLOCATED_REWARD_MODEL, colocated_reward_model
+from grpo_plugins_verl.extras import SCORED_FIELDS, scored_batch
+from grpo_plugins_verl.settings import COLOCATED_REWARD_MODEL, colocated_reward_model, reward_settings
 
 if TYPE_CHECKING:
     from grpo_plugins import Composition
@@ -56,8 +57,6 @@ FEATURE = "row_injection"
 METRIC_PREFIX = "injection/"
 SESSION_PREFIX = "inj"
 """Session part of an injected row's key ``{uid}_inj{j}_0``."""
-BATCH_FIELDS = ("rm_scores", "response_mask", "responses", "extra_fields", "raw_prompt")
-"""TransferQueue fields of the sampled rows read for the ``GRPOBatch`` of ``inject_rows``."""
 UNSUPPORTED_FIELDS = ("routed_experts", "teacher_ids", "teacher_logprobs")
 """Per-token sample fields an injected row cannot be given (refused when a sampled row holds them)."""
 
@@ -140,39 +139,6 @@ class Injection:
         return cls(trainer) if enabled(trainer.grpo_plugins.composition) else None  # check_run refused the problems
 
     # ------------------------------------------------------------------ the batch
-    def scored_batch(self, keys: list[str], data: Any) -> GRPOBatch:
-        """The ``GRPOBatch`` of the sampled rows ``keys`` (TransferQueue ``data`` of :data:`BATCH_FIELDS`)."""
-        t = self.trainer
-        runtime = t.grpo_plugins
-        uids = np.array([str(key).rsplit("_", 2)[0] for key in keys], dtype=object)
-        padded = data.select("rm_scores", "response_mask", "responses").to_padded_tensor()
-        infos = [(_plain(row) or {}).get("reward_extra_info", {}) or {} for row in data["extra_fields"]]
-        reward_keys = t.config.algorithm.get("grpo_plugins_reward_keys", None)
-        weights = t.config.algorithm.get("grpo_plugins_reward_weights", None)
-        components, names = reward_components(infos, None if reward_keys is None else list(reward_keys))
-        required = runtime.composition.required_fields()
-        mask = padded["response_mask"].float()
-        batch = GRPOBatch(
-            prompt_ids=runtime.ids_for(uids),
-            rewards=padded["rm_scores"].float().sum(dim=-1),
-            completion_mask=mask,
-            completion_ids=torch.where(mask > 0, padded["responses"], 0),
-            reward_components=components,
-            reward_names=names,
-            reward_weights=None if weights is None or components is None else
-            torch.tensor([float(w) for w in weights], dtype=torch.float32),
-            prompts=[_plain(row) for row in data["raw_prompt"]],
-            step=runtime.step,
-            total_steps=runtime.total_steps,
-            parallel=ParallelContext(gathered=True),
-        )
-        if "rows" in required and runtime.rows_for is not None:
-            batch.rows = runtime.rows_for(runtime.dataset_indices(uids))
-        if "completions" in required:
-            batch.completions = [t.tokenizer.decode(row[m > 0].tolist(), skip_special_tokens=True)
-                                 for row, m in zip(padded["responses"], mask)]
-        return batch
-
     def inject(self, batch: Any, metrics: dict) -> Any:
         """verl's sampled ``KVBatchMeta`` -> the batch with the injected rows (module docstring)."""
         import transfer_queue as tq
@@ -181,10 +147,9 @@ class Injection:
 
         t = self.trainer
         composition = t.grpo_plugins.composition
-        t.grpo_plugins.step = max(int(t.global_steps) - 1, 0)
         keys = list(batch.keys)
-        data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=list(BATCH_FIELDS))
-        scored = self.scored_batch(keys, data)
+        data = tq.kv_batch_get(keys=keys, partition_id=batch.partition_id, select_fields=list(SCORED_FIELDS))
+        scored = scored_batch(t.grpo_plugins, keys, data, *reward_settings(t.config.algorithm), t.tokenizer)
         rows = parse_rows(composition.run_inject_rows(scored), scored.prompt_ids, composition.providers("inject_rows"))
         self.last_rows, self.codes = rows, {}
         metrics[METRIC_PREFIX + "rows"] = float(len(rows))

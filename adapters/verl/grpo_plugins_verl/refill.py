@@ -12,8 +12,9 @@ groups discarded. The adapter reuses all of it and changes only the classificati
 - a group is dropped when verl's own filter drops it (``algorithm.filter_groups.enable=True``: all its
   rows share ``algorithm.filter_groups.metric``; the built-in dynamic sampling option) **or** when an
   enabled method's ``keep_rows`` drops it. ``keep_rows`` sees a ``GRPOBatch`` of the groups that finished
-  since the previous poll (rewards, reward components, response mask; verl classifies groups as they
-  finish, so a method's batch statistics cover those groups, not the whole step), and must keep or drop
+  since the previous poll (:func:`~grpo_plugins_verl.extras.scored_batch`, as ``inject_rows`` sees it;
+  verl classifies groups as they finish, so a method's batch statistics cover those groups, not the
+  whole step), and must keep or drop
   whole groups (:func:`grpo_plugins.batch_editing.kept_groups`);
 - a run with a ``keep_rows`` method and verl's filter off switches verl's DAPO path on with the metric
   :data:`KEEP_ROWS_ONLY` (:func:`prepare_config`): only the methods decide;
@@ -31,23 +32,20 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import transfer_queue as tq
 from omegaconf import open_dict
 from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
 
-from grpo_plugins import GRPOBatch, ParallelContext
 from grpo_plugins.batch_editing import RefillExhausted, kept_groups
 
-from grpo_plugins_verl.extras import reward_components
+from grpo_plugins_verl.extras import SCORED_FIELDS, scored_batch
 from grpo_plugins_verl.runtime import Runtime
+from grpo_plugins_verl.settings import reward_settings
 
 KEEP_ROWS_ONLY = "grpo_plugins_keep_rows"
 """``algorithm.filter_groups.metric`` set by the adapter: verl's DAPO path on, only ``keep_rows`` decides."""
 METRIC_PREFIX = "batch_editing/"
-FIELDS = ("rm_scores", "response_mask", "extra_fields")
-"""TransferQueue fields of a finished group's rows read for ``keep_rows``."""
 VERL_EVICTED, VERL_SURPLUS = "training/filter_groups/evicted_samples", "training/filter_groups/discarded_surplus_samples"
 
 
@@ -69,30 +67,20 @@ def prepare_config(config: Any, composition: Any) -> bool:
     return True
 
 
-def groups_kept(runtime: Runtime, keys: list[str], data: Any, reward_keys: list[str] | None) -> dict[str, bool]:
+def groups_kept(runtime: Runtime, keys: list[str], data: Any, reward_keys: list[str] | None = None,
+                reward_weights: list[float] | None = None) -> dict[str, bool]:
     """``{uid: kept}`` of the finished groups whose trajectory ``keys`` (``{uid}_{session}_{index}``) and
-    TransferQueue rows ``data`` (:data:`FIELDS`) are given, from the enabled methods' ``keep_rows``."""
-    uids = np.array([str(key).split("_")[0] for key in keys], dtype=object)  # verl's own split of the key
-    padded = data.select("rm_scores", "response_mask").to_padded_tensor()
-    infos = [(getattr(row, "data", row) or {}).get("reward_extra_info", {}) or {} for row in data["extra_fields"]]
-    components, names = reward_components(infos, reward_keys)
-    batch = GRPOBatch(
-        prompt_ids=runtime.ids_for(uids),
-        rewards=padded["rm_scores"].float().sum(dim=-1),
-        completion_mask=padded["response_mask"].float(),
-        reward_components=components,
-        reward_names=names,
-        step=runtime.step,
-        total_steps=runtime.total_steps,
-        parallel=ParallelContext(gathered=True),
-    )
+    TransferQueue rows ``data`` (:data:`~grpo_plugins_verl.extras.SCORED_FIELDS`) are given, from the
+    enabled methods' ``keep_rows``."""
+    batch = scored_batch(runtime, keys, data, reward_keys, reward_weights, runtime.tokenizer)
+    uids = [str(key).rsplit("_", 2)[0] for key in keys]
     keep = runtime.composition.run_keep_rows(batch)
     if keep is None:
-        return {uid: True for uid in uids.tolist()}
+        return dict.fromkeys(uids, True)
     group_ids = torch.zeros(batch.num_groups, dtype=torch.long).scatter_(0, batch.group_index, batch.prompt_ids)
     who = f"keep_rows of {runtime.composition.providers('keep_rows')}"
     kept = kept_groups(keep, batch.group_index, batch.num_groups, who, group_ids)
-    return dict(zip(uids.tolist(), kept[batch.group_index].tolist()))
+    return dict(zip(uids, kept[batch.group_index].tolist()))
 
 
 class PluginReplayBuffer(ReplayBuffer):
@@ -100,10 +88,11 @@ class PluginReplayBuffer(ReplayBuffer):
     docstring). Built from the buffer verl made (:meth:`of`), with the same settings."""
 
     def __init__(self, *args: Any, runtime: Runtime, reward_keys: list[str] | None = None,
-                 max_num_gen_batches: int = 0, **kwargs: Any):
+                 reward_weights: list[float] | None = None, max_num_gen_batches: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.runtime = runtime
         self.reward_keys = reward_keys
+        self.reward_weights = reward_weights
         self.max_num_gen_batches = int(max_num_gen_batches or 0)
         self.verl_refill: Callable[[int], int] = self.refill_fn
         self.refill_fn = self._refill
@@ -113,12 +102,12 @@ class PluginReplayBuffer(ReplayBuffer):
     @classmethod
     def of(cls, buffer: ReplayBuffer, runtime: Runtime, config: Any) -> "PluginReplayBuffer":
         groups = config.algorithm.filter_groups
-        reward_keys = config.algorithm.get("grpo_plugins_reward_keys", None)
+        reward_keys, weights = reward_settings(config.algorithm)
         settings = {name: getattr(buffer, name) for name in (
             "trainer_mode", "trainer_config", "max_off_policy_threshold", "max_off_policy_strategy", "sampler_kwargs",
             "poll_interval", "refill_fn", "filter_groups_metric", "train_batch_size", "gen_batch_size",
             "max_inflight_gen_batches", "sync_refill_failed_groups")}
-        return cls(**settings, runtime=runtime, reward_keys=None if reward_keys is None else list(reward_keys),
+        return cls(**settings, runtime=runtime, reward_keys=reward_keys, reward_weights=weights,
                    max_num_gen_batches=groups.get("max_num_gen_batches", 0))
 
     # ------------------------------------------------------------------ refill, bounded
@@ -159,8 +148,8 @@ class PluginReplayBuffer(ReplayBuffer):
         new = finished - self.method_decisions.keys()
         keys = [key for key in self.partitions[partition_id] if key.split("_")[0] in new]
         if keys:
-            data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=list(FIELDS))
-            self.method_decisions.update(groups_kept(self.runtime, keys, data, self.reward_keys))
+            data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=list(SCORED_FIELDS))
+            self.method_decisions.update(groups_kept(self.runtime, keys, data, self.reward_keys, self.reward_weights))
         for uid in new - self.method_decisions.keys():  # no trajectory: verl's failure handling decides
             self.method_decisions[uid] = True
         return {uid for uid, kept in self.method_decisions.items() if not kept}

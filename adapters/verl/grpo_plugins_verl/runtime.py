@@ -57,6 +57,7 @@ class Runtime:
             worker: at its first loss call).
         row_groups: ``{verl key: (group, group size)}`` of the latest advantage stage's rows, for the
             whole-group ordering of the actor batch (:mod:`grpo_plugins_verl.objectives`).
+        tokenizer: the run's tokenizer, set by the trainer (decodes completions for the batch editing hooks).
     """
 
     composition: Composition
@@ -74,6 +75,7 @@ class Runtime:
     skipped: int = 0
     set_up: bool = False
     row_groups: dict[str, tuple[int, int]] | None = None
+    tokenizer: Any = None
 
     def dataset_indices(self, uids: np.ndarray) -> list[int]:
         """Dataset index of each row whose verl ``uid`` is ``uids`` ``(N,)``."""

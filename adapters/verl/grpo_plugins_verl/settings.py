@@ -129,3 +129,15 @@ def colocated_reward_model(config: Any) -> bool:
     after the whole rollout, outside the reward loop workers the adapter calls."""
     reward_model = config.reward.get("reward_model", None) or {}
     return bool(reward_model.get("enable", False)) and not reward_model.get("enable_resource_pool", False)
+
+
+REWARD_KEYS = "grpo_plugins_reward_keys"
+"""``algorithm`` key naming the ``reward_extra_info`` entries that form ``GRPOBatch.reward_components``."""
+REWARD_WEIGHTS = "grpo_plugins_reward_weights"
+"""``algorithm`` key with the weights of those components (``GRPOBatch.reward_weights``), same order."""
+
+
+def reward_settings(algorithm_config: Any) -> tuple[list[str] | None, list[float] | None]:
+    """``(reward keys, reward weights)`` of the run (:data:`REWARD_KEYS`, :data:`REWARD_WEIGHTS`; None where unset)."""
+    keys, weights = (algorithm_config.get(name, None) for name in (REWARD_KEYS, REWARD_WEIGHTS))
+    return None if keys is None else list(keys), None if weights is None else [float(w) for w in weights]

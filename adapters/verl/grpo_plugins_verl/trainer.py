@@ -56,7 +56,7 @@ from grpo_plugins_verl.capabilities import check_run, verl_capabilities
 from grpo_plugins_verl.extras import ROW_FIELDS, batch_extras
 from grpo_plugins_verl.loss import ROW_PREFIX, STEP, TOKEN_WEIGHTS, grpo_plugins_ppo_loss
 from grpo_plugins_verl.runtime import Runtime, get_runtime
-from grpo_plugins_verl.settings import NAME
+from grpo_plugins_verl.settings import NAME, reward_settings
 
 logger = logging.getLogger("grpo_plugins_verl")
 
@@ -64,10 +64,6 @@ INDEX_KEY = "__grpo_dataset_index__"
 """Column the adapter adds to dataset rows: the row's dataset index (removed before generation)."""
 ROLLOUT_N_KEY = "__rollout_n__"
 """verl's per-prompt rollout-count column (``agent_loop_tq._run_prompt``)."""
-REWARD_KEYS = "grpo_plugins_reward_keys"
-"""``algorithm`` key naming the ``reward_extra_info`` entries that form ``GRPOBatch.reward_components``."""
-REWARD_WEIGHTS = "grpo_plugins_reward_weights"
-"""``algorithm`` key with the weights of those components (``GRPOBatch.reward_weights``), same order."""
 PROMPT_ID_COLUMN = "prompt_id"
 """Dataset column that, when present, keys the groups (rows sharing it form one group), as on TRL."""
 SKIPPED_METRIC = "plugins/skipped_empty_batches"
@@ -229,6 +225,7 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         columns = getattr(getattr(self.train_dataset, "dataframe", None), "column_names", None)
         check_run(self.grpo_plugins.composition, self.config, columns)  # now with the dataset's columns
         self.grpo_plugins.total_steps = self._total_steps()
+        self.grpo_plugins.tokenizer = self.tokenizer
         self.setup_context = objectives.run_context(self.config, self.tokenizer, len(self.train_dataset), self._total_steps(),
                                                     verl_capabilities(self.config, columns).settings)
         self.grpo_plugins.composition.run_setup(self.setup_context)
@@ -292,6 +289,7 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         return metrics
 
     def _step_once(self, metrics: dict, timing_raw: dict, sample_batch_size: int):
+        self.grpo_plugins.step = max(int(self.global_steps) - 1, 0)  # batch editing hooks run before the advantage step
         groups = getattr(self, "step_groups", 0)
         if groups and groups != self.config.data.train_batch_size:
             if self.parameter_sync_step != 1:
@@ -331,12 +329,12 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         if "old_entropies" in self.grpo_plugins.composition.required_fields():
             fields.append("entropy")  # the token entropies verl's old-log-prob pass stores
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        keys, weights = (self.config.algorithm.get(name, None) for name in (REWARD_KEYS, REWARD_WEIGHTS))
+        keys, weights = reward_settings(self.config.algorithm)
         required = self.grpo_plugins.composition.required_fields()
         self.grpo_plugins.extras = batch_extras(
             data,
-            None if keys is None else list(keys),
-            None if weights is None else list(weights),
+            keys,
+            weights,
             tokenizer=self.tokenizer if "completions" in required else None,
             keys=batch.keys,  # each row's turn of its session (multi-turn rows; GRPOBatch.steps)
             step_fields="steps" in required,

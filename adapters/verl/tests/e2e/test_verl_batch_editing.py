@@ -23,16 +23,21 @@ STEPS = ("trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.resu
 
 
 class KeepOneInFour(Method):
-    """Keeps the groups of prompts whose dataset index is 1 mod 4, drops the others; records what trained."""
+    """Keeps the groups of prompts whose dataset index is 1 mod 4, drops the others; records what it saw
+    and what trained."""
 
     name = "keep_one_in_four"
 
     def __init__(self):
         super().__init__()
-        self.trained = []
+        self.trained, self.seen = [], []
+
+    def requires(self):
+        return {"completions"}
 
     @hookimpl
     def keep_rows(self, batch):
+        self.seen.append(batch)
         return batch.prompt_ids % 4 == 1
 
     @hookimpl
@@ -66,6 +71,13 @@ def test_keep_rows_groups_are_refilled_by_verl_replay_buffer(tiny_assets, ray_cl
         assert step["batch_editing/generation_rounds"] == 1 + step["batch_editing/refill_rounds"]
         assert math.isfinite(step["actor/pg_loss"])
     assert any(step["batch_editing/refill_rounds"] > 0 for step in result.metrics)
+    # keep_rows sees the scored rows as inject_rows and the advantage stage do: tokens, texts, the current step
+    assert {batch.step for batch in method.seen} == {0, 1}
+    for batch in method.seen:
+        n = batch.num_completions
+        assert batch.completion_ids.shape == batch.completion_mask.shape and batch.completion_ids.shape[0] == n
+        assert len(batch.prompts) == n and len(batch.completions) == n
+        assert all(isinstance(text, str) for text in batch.completions)
 
 
 def test_prs_vspo_with_verl_own_filter_groups(tiny_assets, ray_cluster, monkeypatch):
