@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 from grpo_plugins.errors import CompositionError
 
-PLUGIN_API = "1.2"
+PLUGIN_API = "1.3"
 """The plugin API version this core provides."""
 
 DEFAULT_RANGE = ">=1.0,<2"
@@ -41,6 +41,8 @@ HISTORY: Mapping[str, str] = {
     "1.2": "the old-policy probe and the update preview: GRPOBatch.probes, GRPOBatch.update_preview, Needs.probes "
     "(grpo_plugins.probe: ProbeRequest, OldPolicyProbe, ProbeChunk, UpdatePreview); the multi-turn step records "
     "GRPOBatch.steps (grpo_plugins.steps.Steps), which replace the designed GRPOBatch.turn_index",
+    "1.3": "GRPOBatch.unshaped_rewards (the trainer's rewards before shape_rewards); Needs.excludes_hooks (hooks "
+    "whose output a method makes meaningless); grpo_plugins.ops.global_all_equal",
 }
 """What each version added (a minor version) or changed (a major one)."""
 
@@ -72,6 +74,7 @@ FIELDS_SINCE: Mapping[str, str] = {
     "GRPOBatch.probes": "1.2",
     "GRPOBatch.update_preview": "1.2",
     "GRPOBatch.steps": "1.2",
+    "GRPOBatch.unshaped_rewards": "1.3",
 }
 """The API version in which a field appeared, for every field added after ``1.0`` (the others are ``1.0``)."""
 

@@ -57,6 +57,10 @@ class GradientStatistics:
     mean_sq_norm: torch.Tensor
 
 
+STAGE_FIELDS = frozenset(("unshaped_rewards", "advantages", "token_weights"))
+"""``GRPOBatch`` fields the core sets during the advantage stage (an adapter never fills them)."""
+
+
 @dataclass
 class GRPOBatch:
     """The global generation batch of one step, as the advantage-stage hooks and ``observe`` see it.
@@ -67,6 +71,9 @@ class GRPOBatch:
     Attributes:
         prompt_ids: ``(N,)`` int64 dataset index of each completion's prompt.
         rewards: ``(N,)`` float rewards (after ``shape_rewards`` once shaping has run).
+        unshaped_rewards: ``(N,)`` the trainer's rewards as the advantage stage received them, before any
+            ``shape_rewards`` (set by the core when the stage starts; None before). A method that estimates
+            how often a prompt is solved reads these, not the shaped ``rewards``.
         reward_components: ``(N, K)`` float per-reward-function values; NaN where a function did not
             apply. ``None`` when the trainer has a single scalar reward only.
         reward_names: ``K`` names of the reward components.
@@ -88,10 +95,9 @@ class GRPOBatch:
         token_weights: ``(N, T)`` product of the ``mask_tokens`` outputs (None when no method masks).
         row_data: per-completion tensors (first dimension ``N``) that methods attach during the
             advantage stage; adapters carry them with the rows to the loss stage (``LossInputs.row_data``).
-        old_entropies: ``(N, T)`` token entropies of the behaviour policy. Designed, not yet filled.
+        old_entropies: ``(N, T)`` token entropies of the behaviour policy, when a method reads them.
         old_log_probs_at: ``{temperature: (N, T)}`` behaviour-policy log-probs of the sampled tokens at
-            other temperatures (a method lists its temperatures in ``Needs.temperatures``). Designed,
-            not yet filled.
+            other temperatures (a method lists its temperatures in ``Needs.temperatures``).
         gradient_statistics: the gradient statistics of the optimiser step being taken
             (:class:`GradientStatistics`), set by the adapter before ``scale_update`` runs (and kept for
             ``observe``); None otherwise. Batch field ``gradient_statistics``.
@@ -99,8 +105,7 @@ class GRPOBatch:
             the requests methods declare in ``Needs(probes={name: ProbeRequest(...)})``
             (:mod:`grpo_plugins.probe`; trainer feature ``old_policy_probe``).
         steps: the per-step records of multi-turn trajectories (:class:`grpo_plugins.steps.Steps`: row,
-            token span, trajectory, turn, step reward, state key, ``(S,)`` each). Batch field ``steps``;
-            the TRL adapter fills it (``grpo_plugins_trl.turns``), verl not yet (``docs/design.md``).
+            token span, trajectory, turn, step reward, state key, ``(S,)`` each), when a method reads them.
         update_preview: the optimiser's coming update of the LM head (:class:`grpo_plugins.probe.UpdatePreview`)
             when a request sets ``update_preview=True`` (trainer feature ``update_preview``); None otherwise.
     """
@@ -129,6 +134,7 @@ class GRPOBatch:
     probes: dict[str, Any] = field(default_factory=dict)
     update_preview: Any = None
     steps: "Steps | None" = None
+    unshaped_rewards: torch.Tensor | None = None
 
     @property
     def num_completions(self) -> int:

@@ -73,7 +73,8 @@ class Composition:
         self._impls = collect_impls(self._manager, self.enabled)
         self._required = collect_required(self.enabled)
         self._needs = {e.name: needs_of(e, [h for h in hookspecs.HOOK_NAMES if e.name in self.providers(h)]) for e in self.enabled}
-        problems = relation_problems(self._needs, self.active_names())
+        problems = relation_problems(self._needs, self.active_names(),
+                                     {h: self.providers(h) for h in hookspecs.HOOK_NAMES})
         if problems:
             raise CompositionError("the run's methods cannot be composed: " + "; ".join(problems))
         self._trace = os.environ.get("GRPO_PLUGINS_TRACE", "") not in ("", "0")

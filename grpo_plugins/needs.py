@@ -23,10 +23,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+import torch
+
 from grpo_plugins.batch import GRPOBatch, LossInputs
 from grpo_plugins.config import Range
 from grpo_plugins.errors import CompositionError
 from grpo_plugins.hooktable import TABLE
+from grpo_plugins.hookspecs import HOOK_NAMES
 from grpo_plugins.probe import ProbeRequest
 
 if TYPE_CHECKING:
@@ -111,6 +114,9 @@ class Needs:
         methods: other methods that must be enabled with it (checked when the run is built).
         excludes: methods it cannot run with (an active one is refused when the run is built; the
             built-in ``grpo`` is active when it estimates the advantages).
+        excludes_hooks: hooks whose output the method makes meaningless (e.g. ``mask_tokens`` and
+            ``gate_loss`` when its objective replaces the policy loss they scale): any other enabled
+            method implementing one is refused when the run is built.
         temperatures: temperatures of ``batch.old_log_probs_at`` it reads.
         probes: ``{name: ProbeRequest}`` old-policy probes it reads as ``batch.probes[name]``
             (:mod:`grpo_plugins.probe`); they imply the feature ``old_policy_probe``, and ``update_preview``
@@ -125,6 +131,7 @@ class Needs:
     settings: Mapping[str, Any] = field(default_factory=dict)
     methods: frozenset[str] = frozenset()
     excludes: frozenset[str] = frozenset()
+    excludes_hooks: frozenset[str] = frozenset()
     temperatures: frozenset[float] = frozenset()
     probes: Mapping[str, ProbeRequest] = field(default_factory=dict)
     why: Mapping[str, str] = field(default_factory=dict)
@@ -135,7 +142,7 @@ class Needs:
         if any(isinstance(r, ProbeRequest) and r.update_preview for r in self.probes.values()):
             implied.add("update_preview")
         object.__setattr__(self, "features", _names(self.features) | implied)
-        for name in ("batch_fields", "loss_fields", "features", "columns", "methods", "excludes"):
+        for name in ("batch_fields", "loss_fields", "features", "columns", "methods", "excludes", "excludes_hooks"):
             object.__setattr__(self, name, _names(getattr(self, name)))
         object.__setattr__(self, "temperatures", frozenset(float(t) for t in self.temperatures))
         object.__setattr__(self, "settings", dict(self.settings))
@@ -151,6 +158,7 @@ class Needs:
             settings={**self.settings, **other.settings},
             methods=self.methods | other.methods,
             excludes=self.excludes | other.excludes,
+            excludes_hooks=self.excludes_hooks | other.excludes_hooks,
             temperatures=self.temperatures | other.temperatures,
             probes={**self.probes, **other.probes},
             why={**self.why, **other.why},
@@ -164,6 +172,7 @@ class Needs:
             ("loss field", self.loss_fields, LOSS_FIELDS),
             ("feature", self.features, FEATURES),
             ("setting", set(self.settings), SETTINGS),
+            ("hook", self.excludes_hooks, HOOK_NAMES),
         ):
             for name in sorted(set(names) - set(known)):
                 problems.append(f"unknown {label} '{name}' (known: {', '.join(sorted(known))})")
@@ -180,7 +189,7 @@ class Needs:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form (sorted lists; settings as text); empty fields left out."""
         out: dict[str, Any] = {}
-        for name in ("batch_fields", "loss_fields", "features", "columns", "methods", "excludes"):
+        for name in ("batch_fields", "loss_fields", "features", "columns", "methods", "excludes", "excludes_hooks"):
             if getattr(self, name):
                 out[name] = sorted(getattr(self, name))
         if self.temperatures:
@@ -195,6 +204,7 @@ class Needs:
         """One readable line per kind of need (for ``grpo-plugins show``)."""
         labels = {"batch_fields": "batch fields", "loss_fields": "loss fields", "features": "trainer features",
                   "columns": "dataset columns", "methods": "methods", "excludes": "excludes methods",
+                  "excludes_hooks": "excludes other methods' hooks",
                   "temperatures": "temperatures", "probes": "old-policy probes", "settings": "settings"}
         out = []
         for key, value in self.as_dict().items():
@@ -388,12 +398,20 @@ def capability_problems(composition: "Composition", capabilities: TrainerCapabil
     return problems
 
 
-def relation_problems(needs: Mapping[str, Needs], active: Iterable[str]) -> list[str]:
-    """Every method a method needs that is not enabled, and every active method it excludes (these
-    depend on the run's list only, so :class:`~grpo_plugins.Composition` checks them at start-up)."""
+def relation_problems(needs: Mapping[str, Needs], active: Iterable[str],
+                      providers: Mapping[str, Iterable[str]] | None = None) -> list[str]:
+    """Every method a method needs that is not enabled, every active method it excludes, and every other
+    method implementing a hook it excludes (``providers``: hook -> the methods implementing it). These
+    depend on the run's list only, so :class:`~grpo_plugins.Composition` checks them at start-up."""
     active = list(active)
     problems = []
     for name, declared in needs.items():
+        for hook in sorted(declared.excludes_hooks):
+            for other in (providers or {}).get(hook, ()):
+                if other != name:
+                    reason = declared.why.get(hook)
+                    problems.append(f"method '{name}' cannot run together with method '{other}', which implements "
+                                    f"hook '{hook}'" + (f": {reason}" if reason else ""))
         for other in sorted(declared.methods - set(active)):
             reason = declared.why.get(other)
             problems.append(f"method '{name}' needs method '{other}' enabled in the same run" + (f" ({reason})" if reason else ""))
@@ -411,3 +429,38 @@ def check_capabilities(composition: "Composition", capabilities: TrainerCapabili
             f"the enabled methods cannot run on {capabilities.trainer} as configured ({len(problems)} problem"
             f"{'s' if len(problems) > 1 else ''}):\n- " + "\n- ".join(problems)
         )
+
+
+PROMPT_ID_COLUMN = "prompt_id"
+"""The dataset column that, when present, is each row's prompt id (the group key) on every adapter."""
+
+
+def prompt_id_problems(composition: "Composition", prompt_ids: Iterable[Any] | None) -> list[str]:
+    """Why the training dataset's :data:`PROMPT_ID_COLUMN` values ``prompt_ids`` (in row order; None: no
+    such column) cannot run with the enabled methods; empty when they can.
+
+    Methods that plan the rounds (``sample_prompts``, ``allocate_rollouts``) speak of dataset row
+    indices, while the adapters key the groups, and so every per-prompt state a method learns from
+    ``batch.prompt_ids``, by the column: the two must be the same numbers, i.e. the column must be
+    the row index.
+    """
+    planners = list(dict.fromkeys(composition.providers("sample_prompts") + composition.providers("allocate_rollouts")))
+    if not planners or prompt_ids is None:
+        return []
+    values = list(prompt_ids)
+    if not values:
+        return []
+    try:
+        ids = torch.as_tensor(values).double()
+    except (TypeError, ValueError, RuntimeError):  # not numbers (e.g. text ids)
+        ids = None
+    index = 0
+    if ids is not None and ids.dim() == 1 and not isinstance(values[0], bool):
+        wrong = (ids != torch.arange(ids.numel(), dtype=torch.float64)).nonzero()
+        if wrong.numel() == 0:
+            return []
+        index = int(wrong[0])
+    return [f"method(s) {planners} plan the rounds by dataset row index, but the training dataset's "
+            f"'{PROMPT_ID_COLUMN}' column is not the row index (row {index} has {PROMPT_ID_COLUMN}="
+            f"{values[index]!r}); the groups and every method's per-prompt state are keyed by that column. "
+            f"Make '{PROMPT_ID_COLUMN}' equal to the row index, or remove the column"]

@@ -170,3 +170,20 @@ def global_mean_std(
     dof = count - 1 if unbiased else count
     std = torch.where(dof > 0, squared / dof.clamp(min=1), torch.zeros_like(squared)).sqrt()
     return mean, std
+
+
+def global_all_equal(values: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
+    """Scalar bool: whether every element of ``values`` on every rank is the same value (no element at
+    all counts as equal).
+
+    Decided exactly from the global maximum and minimum, not from a float variance or mean, which can
+    keep a rounding residue. Each rank fills its own slot with ``(has values, max, min)`` and the slots
+    are summed over the ranks.
+    """
+    flat = values.reshape(-1)
+    slots = flat.new_zeros(parallel.world_size, 3, dtype=torch.float64)
+    if flat.numel():
+        slots[parallel.rank] = torch.stack([flat.new_ones(()), flat.max(), flat.min()]).double()
+    present, highest, lowest = parallel.all_reduce_sum(slots).unbind(1)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=slots.device)
+    return torch.where(present > 0, highest, -inf).max() <= torch.where(present > 0, lowest, inf).min()

@@ -102,9 +102,11 @@ def inject_rows(impls: Impls, call: Caller, batch: GRPOBatch) -> list[dict]:
 # ----------------------------------------------------------------------------- advantage stage
 def advantage_stage(impls: Impls, call: Caller, batch: GRPOBatch) -> GRPOBatch:
     """``shape_rewards`` -> ``compute_advantages`` -> ``adjust_advantages`` -> ``mask_tokens`` on the
-    global batch; fills ``batch.rewards``, ``batch.advantages`` and ``batch.token_weights``."""
+    global batch; fills ``batch.unshaped_rewards`` (the trainer's rewards, kept), ``batch.rewards``,
+    ``batch.advantages`` and ``batch.token_weights``."""
     validate_batch(batch)
     clean_batch_padding(batch)
+    batch.unshaped_rewards = batch.rewards.clone()
     n = batch.num_completions
     tokens = None if batch.completion_mask is None else tuple(batch.completion_mask.shape)
     values = {"N": n, "T": tokens[1] if tokens else None}

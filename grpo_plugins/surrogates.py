@@ -81,6 +81,11 @@ def cispo_loss(
     return -clamped * advantages * log_probs
 
 
+REPLACED_POLICY_LOSS = ("its objective replaces the policy loss and the advantages, so the other method's token "
+                        "weights, gates or advantage changes would have no effect")
+"""The reason a method whose ``loss_objectives`` replace the policy loss gives for ``Needs(excludes_hooks=...)``."""
+
+
 def replaced_policy_loss(inputs) -> torch.Tensor:
     """``(B, T)`` zeros on the graph of ``inputs.log_probs``: the ``policy_surrogate`` of a method whose
     ``loss_objectives`` replace the policy loss (the trainer's surrogate must not run, and the loss must

@@ -160,6 +160,25 @@ def test_needed_and_excluded_methods_are_start_up_errors_listing_all():
     assert Composition([singles, estimator]).names == ["singles", "estimator", "grpo"]  # grpo inactive: fine
 
 
+def test_methods_implementing_an_excluded_hook_are_refused_at_start_up():
+    replaces = named("replaces", needs=Needs(excludes_hooks={"mask_tokens", "gate_loss"},
+                                             why={"mask_tokens": "its objective replaces the policy loss"}))
+    weights = named("weights", mask_tokens=lambda batch: batch.token_mask)
+    gates = named("gates", gate_loss=lambda inputs: torch.ones_like(inputs.mask))
+    with pytest.raises(CompositionError) as error:
+        Composition([replaces, weights, gates])
+    message = str(error.value)
+    assert ("method 'replaces' cannot run together with method 'weights', which implements hook 'mask_tokens': "
+            "its objective replaces the policy loss") in message
+    assert "method 'replaces' cannot run together with method 'gates', which implements hook 'gate_loss'" in message
+    shaper = named("shaper", shape_rewards=lambda rewards: rewards)
+    assert Composition([replaces, shaper]).names == ["replaces", "shaper", "grpo"]  # other hooks: fine
+    own = named("own", mask_tokens=lambda batch: batch.token_mask, needs=Needs(excludes_hooks={"mask_tokens"}))
+    assert Composition([own]).names == ["own", "grpo"]  # its own implementation does not count
+    with pytest.raises(CompositionError, match=r"unknown hook 'mask_token'"):
+        Composition([named("typo", needs=Needs(excludes_hooks={"mask_token"}))])
+
+
 def test_bad_declarations_are_start_up_errors():
     with pytest.raises(CompositionError, match=r"method 'typo'.*declares unknown feature 'variable_budget'"):
         Composition([named("typo", needs=Needs(features={"variable_budget"}))])
@@ -197,3 +216,17 @@ def test_list_json_and_show_print_each_methods_needs(capsys):
         "loss fields: row_data", "trainer features: method_state, token_loss, variable_budgets",
         "dataset columns: hint", "settings: loss_aggregation in 'token_mean'",
     ]
+
+
+def test_round_planners_need_the_prompt_id_column_to_be_the_row_index():
+    from grpo_plugins.needs import prompt_id_problems
+
+    planner = named("planner", sample_prompts=lambda round: torch.arange(round.num_prompts))
+    composition = Composition([planner])
+    assert prompt_id_problems(composition, None) == [] and prompt_id_problems(composition, []) == []
+    assert prompt_id_problems(composition, [0, 1, 2]) == [] and prompt_id_problems(composition, torch.arange(3)) == []
+    for column, shown in (([0, 1, 7, 3], "row 2 has prompt_id=7"), (["a", "b"], "row 0 has prompt_id='a'"),
+                          ([True, False], "row 0 has prompt_id=True")):
+        (problem,) = prompt_id_problems(composition, column)
+        assert "method(s) ['planner'] plan the rounds by dataset row index" in problem and shown in problem
+    assert prompt_id_problems(Composition([]), [5, 5, 9]) == []  # no planner: the column keys the groups freely

@@ -138,6 +138,7 @@ def test_hook_shape_rewards():
         batch = make_batch(group_sizes=(2, 2), rewards=rewards, shuffle=False)
         Composition([make() for make in order]).run_advantage_stage(batch)
         torch.testing.assert_close(batch.rewards, torch.tensor(expected))
+        torch.testing.assert_close(batch.unshaped_rewards, rewards)  # the trainer's rewards are kept
     # the default estimator sees the shaped rewards: group (1, 3) -> mean 2, std sqrt(2)
     torch.testing.assert_close(batch.advantages[:2], torch.tensor([-0.707106, 0.707106]), atol=1e-5, rtol=0)
     wrong = Composition([named("scalar", shape_rewards=lambda rewards: rewards.sum())])

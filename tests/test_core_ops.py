@@ -121,6 +121,9 @@ def test_single_process_global_statistics():
     assert float(ops.global_mean_std(torch.tensor([3.0]), ParallelContext())[1]) == 0.0
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     assert float(ops.global_masked_mean(values[None], mask, ParallelContext())) == pytest.approx(1.5)
+    assert not bool(ops.global_all_equal(values, ParallelContext()))
+    assert bool(ops.global_all_equal(torch.full((3,), 0.1), ParallelContext()))
+    assert bool(ops.global_all_equal(torch.tensor([]), ParallelContext()))  # nothing: equal
 
 
 # ---------------------------------------------------------------- two real processes
@@ -150,6 +153,7 @@ def test_global_statistics_across_two_gloo_processes(tmp_path, monkeypatch):
         torch.testing.assert_close(got["std"], std)
         torch.testing.assert_close(got["token_mean"], expected_token_mean)
         torch.testing.assert_close(got["whole"], mean)
+        assert got["all_equal"] == [False, True, True]  # a per-rank test would say True, True, True
         grads.append(got["grad"])
     # each rank's gradient is its share of the global mean: mask / global token count
     torch.testing.assert_close(torch.cat(grads), mask / mask.sum())

@@ -29,7 +29,7 @@ class MyMethod(Method):
     name = "my_method"
     Config = MyMethodConfig
     paper = "https://arxiv.org/abs/XXXX.XXXXX"
-    plugin_api = ">=1.2,<2"
+    plugin_api = ">=1.3,<2"
 
     @classmethod
     def example(cls) -> Example:

@@ -31,7 +31,7 @@ import torch
 
 from grpo_plugins import POSITIVE, Example, GRPOBatch, LossInputs, LossTerm, Method, Needs, hookimpl, option
 from grpo_plugins.ops import segment_count, segment_mean
-from grpo_plugins.surrogates import replaced_policy_loss
+from grpo_plugins.surrogates import REPLACED_POLICY_LOSS as REPLACED, replaced_policy_loss
 
 
 def pairwise_losses(rewards: torch.Tensor, log_ratio: torch.Tensor, group: torch.Tensor, num_groups: int,
@@ -65,7 +65,7 @@ class CoPG(Method):
     name = "copg"
     Config = CoPGConfig
     paper = "https://arxiv.org/abs/2406.19185"
-    plugin_api = ">=1.1,<2"
+    plugin_api = ">=1.3,<2"  # Needs.excludes_hooks
 
     @classmethod
     def example(cls) -> Example:
@@ -73,7 +73,9 @@ class CoPG(Method):
 
     def needs(self) -> Needs:
         return Needs(loss_fields={"ref_log_probs", "group_index", "row_data"}, features={"whole_groups"},
-                     why={"whole_groups": "its pairwise objective over each group's completions"})
+                     excludes_hooks={"mask_tokens", "gate_loss", "adjust_advantages"},
+                     why={"whole_groups": "its pairwise objective over each group's completions", **dict.fromkeys(
+                         ("mask_tokens", "gate_loss", "adjust_advantages"), REPLACED)})
 
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, Example, GRPOBatch, LossInputs, LossTerm, Method, Needs, hookimpl, option
 from grpo_plugins.ops import masked_mean, segment_max, segment_sum
-from grpo_plugins.surrogates import replaced_policy_loss
+from grpo_plugins.surrogates import REPLACED_POLICY_LOSS as REPLACED, replaced_policy_loss
 
 
 def disco_objective(scores: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, group: torch.Tensor,
@@ -87,7 +87,7 @@ class DisCO(Method):
     name = "disco"
     Config = DisCOConfig
     paper = "https://arxiv.org/abs/2505.12366"
-    plugin_api = ">=1.1,<2"
+    plugin_api = ">=1.3,<2"  # Needs.excludes_hooks
 
     @classmethod
     def example(cls) -> Example:
@@ -95,7 +95,9 @@ class DisCO(Method):
 
     def needs(self) -> Needs:
         return Needs(loss_fields={"group_index", "row_data"}, features={"whole_groups"},
-                     why={"whole_groups": "its objective over each prompt's positives and negatives"})
+                     excludes_hooks={"mask_tokens", "gate_loss", "adjust_advantages"},
+                     why={"whole_groups": "its objective over each prompt's positives and negatives", **dict.fromkeys(
+                         ("mask_tokens", "gate_loss", "adjust_advantages"), REPLACED)})
 
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:

@@ -25,42 +25,36 @@ from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, Range, hookimpl, optio
 from grpo_plugins import Example
 from grpo_plugins.rewards import OtherRewards, named_component, other_rewards_sum
 
-_NO_NGRAM = torch.iinfo(torch.long).max  # sorts after every real n-gram key
-
 
 # ----------------------------------------------------------------- the paper's maths
 def distinct_ngram_ratio(token_ids: torch.Tensor, mask: torch.Tensor, n: int = 2) -> torch.Tensor:
     """distinct-n of each completion: ``#unique n-grams / #n-grams`` -> ``(N,)`` float.
 
     Args:
-        token_ids: ``(N, T)`` int64 completion tokens (padding may hold anything).
+        token_ids: ``(N, T)`` integer completion tokens (padding may hold anything).
         mask: ``(N, T)``, > 0 on real tokens; an n-gram counts only if all its ``n`` tokens are real.
         n: the n-gram order.
 
-    A completion with fewer than ``n`` real tokens gets 0. Each n-gram is packed into one int64 key
-    (base ``max id + 1``), the keys are sorted per row and the distinct ones counted where a key
-    differs from its left neighbour: no loop over completions or tokens.
+    A completion with fewer than ``n`` real tokens gets 0. The ``K`` complete n-grams ``(K, n)`` get
+    dense ids column by column: ``id = dense(id * #values_j + dense(token_j))``, each ``dense`` a
+    ``torch.unique(return_inverse=True)``, so every number stays below ``K^2`` whatever the vocabulary
+    size and n. The distinct ``(row, id)`` pairs are then counted per row: no loop over completions or
+    tokens (only over the ``n`` n-gram positions).
     """
     num, width = token_ids.shape
-    windows = width - n + 1
-    if windows <= 0:
+    if width < n:
         return torch.zeros(num, dtype=torch.float32, device=token_ids.device)
-    real = mask > 0
-    ids = torch.where(real, token_ids.long(), torch.zeros_like(token_ids, dtype=torch.long))
-    base = int(ids.max()) + 1 if ids.numel() else 1
-    if base**n >= _NO_NGRAM:
-        raise ValueError(f"{n}-grams over token ids up to {base - 1} do not fit one int64 key; use a smaller n")
-    keys = torch.zeros(num, windows, dtype=torch.long, device=token_ids.device)
-    complete = torch.ones(num, windows, dtype=torch.bool, device=token_ids.device)
-    for offset in range(n):  # n is tiny (1-4): a loop over the n-gram positions, not over tokens
-        keys = keys * base + ids[:, offset:offset + windows]
-        complete &= real[:, offset:offset + windows]
-    keys = torch.where(complete, keys, torch.full_like(keys, _NO_NGRAM)).sort(dim=1).values
-    first = torch.ones_like(complete)
-    first[:, 1:] = keys[:, 1:] != keys[:, :-1]
-    distinct = (first & (keys != _NO_NGRAM)).sum(dim=1)
+    complete = (mask > 0).unfold(1, n, 1).all(-1)  # (N, T - n + 1): the windows of n real tokens
+    grams = token_ids.long().unfold(1, n, 1)[complete]  # (K, n)
+    count = max(grams.shape[0], 1)
+    gram = torch.zeros(grams.shape[0], dtype=torch.long, device=token_ids.device)
+    for column in grams.unbind(-1):  # n is tiny (1-4)
+        values, rank = torch.unique(column, return_inverse=True)
+        gram = torch.unique(gram * values.numel() + rank, return_inverse=True)[1]  # dense id of the prefix
+    rows = complete.nonzero()[:, 0]
+    distinct = torch.bincount(torch.unique(rows * count + gram) // count, minlength=num)
     total = complete.sum(dim=1)
-    return torch.where(total > 0, distinct / total.clamp(min=1), torch.zeros_like(distinct, dtype=torch.float32)).float()
+    return torch.where(total > 0, distinct / total.clamp(min=1), 0.0).float()
 
 
 def perspective_diversity(role_counts: torch.Tensor, max_roles: int = 4) -> torch.Tensor:

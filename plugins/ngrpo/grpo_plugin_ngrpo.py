@@ -45,12 +45,16 @@ def ngrpo_advantages(
         ``(N,)`` ``(r_i - mu_g) / (sigma_g + epsilon)`` where ``mu_g`` and the unbiased ``sigma_g``
         are over the ``n_g + k`` augmented rewards. A group of one has no statistics and uses
         ``mu = 0, sigma = 1`` (the released code's convention), so ``A = r / (1 + epsilon)``.
+        ``R_max`` is first rounded to the rewards' dtype, and a group of two or more whose augmented
+        rewards are all equal (every reward ``== R_max``, or a constant group with ``k = 0``) gets
+        exactly 0.
     """
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("ngrpo: rewards contain NaN/inf; map missing rewards to a number before computing advantages")
     if num_virtual < 0:
         raise ValueError(f"ngrpo: num_virtual must be >= 0, got {num_virtual}")
     dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    max_reward = torch.tensor(max_reward, dtype=dtype).item()  # R_max as the rewards' dtype holds it
     rewards = rewards.to(torch.float64)  # the statistics in double precision, returned in the input's dtype
     counts = segment_count(index, num_groups).to(rewards.dtype)
     total = counts + num_virtual
@@ -60,7 +64,10 @@ def ngrpo_advantages(
     single = counts < 2
     mean = torch.where(single, torch.zeros_like(mean), mean)
     std = torch.where(single | (total < 2), torch.ones_like(std), std)
-    return ((rewards - mean[index]) / (std[index] + epsilon)).to(dtype)
+    low = segment_min(rewards, index, num_groups)
+    flat = (segment_max(rewards, index, num_groups) <= low) & ((low == max_reward) | (num_virtual == 0)) & ~single
+    advantages = (rewards - mean[index]) / (std[index] + epsilon)
+    return torch.where(flat[index], 0.0, advantages).to(dtype)
 
 
 def asymmetric_clip_loss(

@@ -18,7 +18,8 @@
        SNR~  = m SNR~_prev + (1 - m) SNR                 (EMA, the first step takes SNR itself)
        eta_t = eta_max SNR~ / (1 + SNR~)                 (the factor SNR~ / (1 + SNR~) multiplies the learning rate)
 
-   A step without noise (``noise = 0``) or with a single unit (``M = 1``, no estimate) is not scaled.
+   A step without noise (``noise = 0``), with a single unit (``M = 1``) or whose unit gradients are all zero
+   (``0 / 0``) has no usable estimate: it is not scaled, and an all-zero step leaves the EMA alone.
 
 Shapes: ``N`` completions, ``G`` groups, ``T`` tokens, ``M`` unit gradients of a step.
 """
@@ -68,13 +69,16 @@ def gradient_weights(kind: str, mask: torch.Tensor, old_log_probs: torch.Tensor 
 
 def gradient_snr(statistics: GradientStatistics) -> torch.Tensor:
     """``()`` ``|g|^2 / (noise / M)`` with ``noise = (sum_j |u_j|^2 - M |g|^2) / (M - 1)`` (clamped at 0);
-    ``inf`` when there is no noise, NaN when ``M < 2`` (no estimate)."""
+    ``inf`` when there is no noise, NaN (no estimate) when ``M < 2`` or when both ``|g|^2`` and the noise
+    are 0 (all-zero gradients: ``0 / 0``)."""
     units = statistics.unit_sq_norms.double()
     m = units.numel()
     mean_sq = statistics.mean_sq_norm.double()
     if m < 2:
         return torch.tensor(float("nan"), dtype=torch.float64)
     noise = ((units.sum() - m * mean_sq) / (m - 1)).clamp(min=0)
+    if not bool(noise > 0) and not bool(mean_sq > 0):
+        return torch.tensor(float("nan"), dtype=torch.float64)
     return torch.where(noise > 0, mean_sq / (noise / m).clamp(min=torch.finfo(torch.float64).tiny),
                        torch.tensor(float("inf"), dtype=torch.float64))
 
@@ -101,6 +105,11 @@ class OBLRPOConfig:
     snr_momentum: float = option(0.9, "EMA momentum m of the SNR (0: this step's SNR alone).", paper=0.9,
                                  domain=Range(0, 1, high_open=True))
     min_scale: float = option(0.0, "Lower bound of the step factor (0: none).", domain=UNIT)
+
+    def __post_init__(self):
+        if not self.use_baseline and not self.adaptive_step:
+            raise ValueError("use_baseline and adaptive_step are both False, so oblr_po would change nothing; "
+                             "enable at least one (or do not enable oblr_po)")
 
 
 class OBLRPO(Method):
@@ -154,7 +163,7 @@ class OBLRPO(Method):
         if statistics is None:
             raise ValueError("oblr_po's adaptive step needs GRPOBatch.gradient_statistics, which the adapter did not set")
         snr = gradient_snr(statistics)
-        if torch.isnan(snr):  # a single unit gradient: no noise estimate, the step is not scaled
+        if torch.isnan(snr):  # one unit gradient or all-zero gradients: no estimate, step and EMA left alone
             self.log_metric("snr", float("nan"))
             return torch.tensor(1.0)
         value = float(snr)

@@ -4,7 +4,7 @@ GRPO scores every completion alone, so a policy that keeps producing the same co
 nothing. The polychromic objective scores *sets* of ``n`` completions by success times diversity,
 and gives each completion the marginal advantage of the sets it belongs to:
 
-    set score    f(S) = (1/n sum_{i in S} r_i) * d(S),   d(S) = (#distinct keys in S) / n
+    set score    f(S) = (1/n sum_{i in S} r_i) * d(S),   d(S) = (#distinct keys in S) / n,   r_i >= 0
     baseline     b_g = mean of f(S) over the sets S drawn from group g
     advantage    A_i = mean_{S contains i} f(S) - b_g(i)          (0 for a completion in no set)
                  optionally divided by the group's std of A (exactly 0 for a constant group)
@@ -88,7 +88,16 @@ def polychromic_advantages(
     handled at once. ``b_g = sum_i sum_{S contains i} f(S) / sum_i #{S contains i}`` (each set counted
     ``n`` times above and below), so with ``n = 1`` every sum is the one GRPO's centring computes.
     The sums run in float64; a group whose sets all score the same (e.g. equal rewards) gets exactly 0.
+    With ``set_size > 1`` the rewards must be ``>= 0`` (``ValueError`` otherwise): ``f(S)`` multiplies the
+    mean reward by the diversity, which rewards diversity only when the mean is non-negative (with
+    negative rewards duplicates would be pushed up). ``set_size = 1`` (``d = 1``) takes any reward.
     """
+    if set_size > 1 and bool((rewards < 0).any()):
+        raise ValueError(
+            f"polychromic with set_size={set_size} needs rewards >= 0 (got a minimum of {float(rewards.min()):g}): "
+            "f(S) = mean reward x diversity rewards diversity only for non-negative rewards; map the rewards "
+            "to [0, 1] (e.g. success 1, failure 0)"
+        )
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     dtype, rewards = rewards.dtype, rewards.double()
     sizes = segment_count(index, num_groups)

@@ -26,6 +26,9 @@ included): prompt ``x`` with ``a_x`` solved completions (``c > success_threshold
     V(x) = lambda * (1 - p_x) + (1 - lambda) * H2(p_x),    H2(p) = -p log2 p - (1 - p) log2 (1 - p)
 
 (difficulty and uncertainty, both in ``[0, 1]``); a round draws prompts with probability ``V / sum V``.
+The counts cover every generated group once: with the replacement on they are taken in ``keep_rows``
+(every generation round, refills included, so the dropped all-solved / all-failed groups count and their
+prompts lose value), otherwise in ``observe`` (the trained batch).
 
 Shapes: ``N`` completions, ``G`` groups, ``D`` dataset prompts, ``P`` prompts of a round.
 """
@@ -151,6 +154,7 @@ class PRSVSPO(Method):
         values = batch.rewards if self.config.format_reward is None else self.prs_rewards(batch)
         kept = informative_groups(values, batch.group_index, batch.num_groups)
         self.log_metric("replaced_group_fraction", (~kept).double().mean())
+        self.count_outcomes(batch)  # every generated group, the dropped ones included (observe sees the kept ones)
         return kept.index_select(0, batch.group_index)
 
     @hookimpl
@@ -164,6 +168,12 @@ class PRSVSPO(Method):
 
     @hookimpl
     def observe(self, batch: GRPOBatch) -> None:
+        """Counts the trained batch's outcomes when ``keep_rows`` is off (it counts every round otherwise)."""
+        if not self.config.replace_zero_advantage_groups:
+            self.count_outcomes(batch)
+
+    # ------------------------------------------------------------------ state
+    def count_outcomes(self, batch: GRPOBatch) -> None:
         """``a += #(c > success_threshold)``, ``n += #completions`` for every prompt of the batch."""
         name = self.config.correct_reward
         if self.config.format_reward is None and name not in batch.reward_names:
@@ -174,7 +184,6 @@ class PRSVSPO(Method):
         self.table.add("solved", ids, solved)
         self.table.add("seen", ids, trials)
 
-    # ------------------------------------------------------------------ state
     def counts(self, prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, n)`` ``(P,)`` float64 solved and observed completions of ``prompt_ids``."""
         return self.table.get("solved", prompt_ids), self.table.get("seen", prompt_ids)

@@ -7,14 +7,17 @@ A completion is a ranked list of ``K`` items, one per line. Each rank is its own
     rel[i, k]  in {0, 1}: item k of completion i is in the prompt's ground truth
     r[i, k]    = rel[i, k]                                   ('exp_inf', default)
                = sum_{j >= k} rel[i, j] / log2(j + 2)        ('log_decay', tail DCG, ranks from 0)
-    A[i, k]    = (r[i, k] - mean_g r[., k]) / (std_g r[., k] + 1e-4)   per rank, unbiased std
+    A[i, k]    = (r[i, k] - mean_g r[., k]) / (std_g r[., k] + 1e-4)   per rank, unbiased std (or centred only)
     w[i, k]    = exp(mean_{t in item k} (log pi - log pi_old))         item-level ratio
     loss_t     = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)       A, w of the token's item
 
-Tokens after item ``K`` (overflow) share one extra bin with advantage ``-length_penalty``; the last
-token gets ``+length_penalty`` when the list has exactly ``K`` items and ``-length_penalty`` when it
-has fewer (the paper's length shaping). The paper adds TRL's ``beta = 1e-3`` k3 KL and aggregates
-per sequence (``loss_type='grpo'``). With a single item the ratio is GSPO's sequence ratio.
+A separator token ends an item only when item text came after the previous separator (an empty
+line ends nothing, as in the parsing of the items). Tokens after item ``K`` (overflow) share one
+extra bin with advantage ``-length_penalty``; the last token gets ``+length_penalty`` when the list
+has exactly ``K`` items and ``-length_penalty`` when it has fewer (the paper's length shaping); it is
+not an overflow token unless the list has more than ``K`` items. The paper adds TRL's ``beta = 1e-3``
+k3 KL and aggregates per sequence (``loss_type='grpo'``). With a single item the ratio is GSPO's
+sequence ratio.
 
 Shapes: ``N`` completions, ``K`` ranks, ``B`` rows of a loss micro-batch, ``T`` tokens, ``V`` vocabulary.
 """
@@ -61,19 +64,33 @@ def rank_rewards(rel: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.flip(torch.cumsum(torch.flip(rel * discount, [1]), 1), [1])
 
 
-def rank_advantages(rewards: torch.Tensor, index: torch.Tensor, num_groups: int, eps: float = 1e-4) -> torch.Tensor:
-    """``(N, K)`` per-rank group z-scores (unbiased std); a rank whose rewards are equal in a group gets 0."""
+def rank_advantages(rewards: torch.Tensor, index: torch.Tensor, num_groups: int, eps: float = 1e-4,
+                    scale: bool = True) -> torch.Tensor:
+    """``(N, K)`` per-rank group z-scores (unbiased std; ``scale=False``: centred only); a rank whose
+    rewards are equal in a group gets 0."""
     counts = segment_sum(torch.ones_like(rewards[:, 0]), index, num_groups)
     centred = rewards - segment_mean(rewards, index, num_groups).index_select(0, index)
     variance = segment_sum(centred.square(), index, num_groups) / (counts - 1).clamp(min=1)[:, None]
-    advantages = centred / (variance.sqrt().index_select(0, index) + eps)
+    advantages = centred / (variance.sqrt().index_select(0, index) + eps) if scale else centred
     same = torch.stack([constant_groups(rewards[:, k], index, num_groups) for k in range(rewards.shape[1])], 1)
     return torch.where(same.index_select(0, index), 0.0, advantages)
 
 
-def item_index(separator_tokens: torch.Tensor, mask: torch.Tensor, num_items: int) -> torch.Tensor:
-    """``(N, T)`` int64 item of each token: separators ending items before it, capped at ``K`` (overflow)."""
-    ends = (separator_tokens & (mask > 0)).long()
+def item_index(separator_tokens: torch.Tensor, content_tokens: torch.Tensor, mask: torch.Tensor,
+               num_items: int) -> torch.Tensor:
+    """``(N, T)`` int64 item of each token: the items ended before it, capped at ``K`` (overflow).
+
+    ``separator_tokens``, ``content_tokens``: ``(N, T)`` bool, the token's text holds the separator / item
+    text. A separator ends an item only when item text came after the previous separator (itself
+    included, e.g. a token ``")\\n"``), so an empty line ends nothing, as in ``parse_items``; the tokens
+    of an empty line belong to the next item.
+    """
+    real = mask > 0
+    separators = separator_tokens & real
+    text_so_far = torch.cumsum((content_tokens & real).long(), 1)  # (N, T) non-decreasing
+    at_separators = torch.where(separators, text_so_far, 0).cummax(1).values
+    at_previous = torch.cat([torch.zeros_like(at_separators[:, :1]), at_separators[:, :-1]], 1)
+    ends = (separators & (text_so_far > at_previous)).long()
     return (torch.cumsum(ends, 1) - ends).clamp(max=num_items)
 
 
@@ -104,6 +121,8 @@ class RankGRPOConfig:
     epsilon_high: float = option(0.08, "Upper clip range of the item ratio.", paper=0.08, domain=NON_NEGATIVE)
     length_penalty: float = option(0.1, "Length shaping: overflow tokens -p; last token +p with exactly K items, "
                                    "-p with fewer (0: off).", paper=0.1, domain=NON_NEGATIVE)
+    scale_rewards: bool = option(True, "Divide each rank's centred rewards by their group std + 1e-4 (False: "
+                                 "centre only).", paper=True)
 
 
 class RankGRPO(Method):
@@ -131,22 +150,27 @@ class RankGRPO(Method):
 
     @hookimpl
     def setup(self, context: RunContext) -> None:
-        """Finds the vocabulary's tokens whose text holds the separator (``(V,)`` bool)."""
+        """Finds the vocabulary's tokens whose text holds the separator and those whose text holds item
+        text (not only separators, white space or list numbering); ``(V,)`` bool each."""
         tokenizer = context.tokenizer
         if tokenizer is None or self.config.separator_token_id is not None:
-            self.separator_ids = None
+            self.separator_ids = self.content_ids = None
             return
+        separator = self.config.separator
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        self.separator_ids = torch.tensor([self.config.separator in t for t in texts])
+        self.separator_ids = torch.tensor([separator in t for t in texts])
+        self.content_ids = torch.tensor([bool(NUMBERING.sub("", t.replace(separator, " ")).strip()) for t in texts])
 
-    def _separators(self, completion_ids: torch.Tensor) -> torch.Tensor:
-        """``(N, T)`` bool: the token's text holds the separator."""
+    def _token_kinds(self, completion_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, T)`` bool twice: the token's text holds the separator; it holds item text."""
         if self.config.separator_token_id is not None:
-            return completion_ids == self.config.separator_token_id
+            separators = completion_ids == self.config.separator_token_id
+            return separators, ~separators
         table = getattr(self, "separator_ids", None)
         if table is None:
             raise ValueError("rank_grpo: no tokenizer was given at setup, so item boundaries are unknown")
-        return table.to(completion_ids.device)[completion_ids.clamp(0, table.numel() - 1)]
+        ids = completion_ids.clamp(0, table.numel() - 1)
+        return table.to(completion_ids.device)[ids], self.content_ids.to(completion_ids.device)[ids]
 
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:
@@ -154,12 +178,15 @@ class RankGRPO(Method):
         cfg, mask = self.config, batch.token_mask
         targets = [row[cfg.target_column] for row in batch.rows]
         rel, counts = relevance(batch.completions, targets, cfg.separator, cfg.num_items)
-        adv = rank_advantages(rank_rewards(rel.to(mask.device), cfg.reward), batch.group_index, batch.num_groups)
-        items = item_index(self._separators(batch.completion_ids), mask, cfg.num_items)
+        adv = rank_advantages(rank_rewards(rel.to(mask.device), cfg.reward), batch.group_index, batch.num_groups,
+                              scale=cfg.scale_rewards)
+        items = item_index(*self._token_kinds(batch.completion_ids), mask, cfg.num_items)
         padded = torch.cat([adv, torch.full_like(adv[:, :1], -cfg.length_penalty)], 1)  # the overflow bin
         token_adv = torch.gather(padded, 1, items)
         last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & (mask > 0)
         counts = counts.to(mask.device)
+        # the end of a list of at most K items (e.g. EOS after the K-th item's separator) is no overflow
+        token_adv = torch.where(last & (items == cfg.num_items) & (counts <= cfg.num_items)[:, None], 0.0, token_adv)
         bonus = torch.where(counts == cfg.num_items, cfg.length_penalty, torch.where(counts < cfg.num_items, -cfg.length_penalty, 0.0))
         batch.row_data["rank_grpo_item"] = items
         self.log_metric("hit_rate", rel.mean())

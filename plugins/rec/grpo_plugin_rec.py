@@ -36,17 +36,19 @@ from typing import Literal
 import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, Example, GRPOBatch, LossInputs, Method, Needs, Range, hookimpl, option
-from grpo_plugins.ops import segment_count, segment_max, segment_min, segment_sum
+from grpo_plugins.ops import constant_groups, segment_count, segment_max, segment_min, segment_sum
 
 Variant = Literal["rec", "asymre", "opmd"]
 
 
 def balance_drop(rewards: torch.Tensor, index: torch.Tensor, num_groups: int, generator: torch.Generator) -> torch.Tensor:
     """``(N,)`` bool rows kept by the "balance" drop: in a group with more negatives (``r < mean``) than
-    positives, ``#neg - #pos`` negatives chosen uniformly at random (``generator``) are dropped."""
+    positives, ``#neg - #pos`` negatives chosen uniformly at random (``generator``) are dropped. A group
+    whose rewards are all equal has no negatives (its float mean may round above the value)."""
     counts = segment_count(index, num_groups)
     mean = segment_sum(rewards, index, num_groups) / counts.clamp(min=1)
-    negative = rewards < mean.index_select(0, index)
+    constant = constant_groups(rewards, index, num_groups).index_select(0, index)
+    negative = (rewards < mean.index_select(0, index)) & ~constant
     negatives = segment_sum(negative.long(), index, num_groups)
     surplus = (2 * negatives - counts).clamp(min=0)  # #neg - #pos
     # rank the negatives of each group in a random order: sort by (group, random key)

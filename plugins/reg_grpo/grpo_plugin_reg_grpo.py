@@ -12,6 +12,8 @@ the GRPO advantage (no clipping, no min, so no zero-gradient plateaus)::
 ``compute_advantages`` gives ``A`` (a group whose rewards are all equal gets exactly 0); the loss
 reads the advantages it receives, so a method that adjusts them changes the target. A group whose
 targets are all 0 (equal rewards) has nothing to regress to and is skipped (``constant_groups``).
+A row with no real token (a completion masked out whole, e.g. a truncated one) has no ``z``: it is left
+out of the group's mean and std of ``z`` and its loss is 0.
 The squared errors are returned per row with the ``sequence`` normaliser (the mean over the step's
 completions); the policy surrogate is 0. The paper's difficulty-aware augmentation perturbs videos
 and is not part of this plugin (see the README).
@@ -30,17 +32,21 @@ from typing import Literal
 import torch
 
 from grpo_plugins import POSITIVE, Example, GRPOBatch, LossInputs, LossTerm, Method, Needs, hookimpl, option
-from grpo_plugins.ops import constant_groups, masked_mean, segment_max, segment_mean, segment_std
+from grpo_plugins.ops import constant_groups, masked_mean, segment_max, segment_mean, segment_std, segment_sum
 from grpo_plugins.surrogates import replaced_policy_loss
 
 
-def population_zscore(values: torch.Tensor, group: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
-    """``(N,)`` ``(v - mean_g v) / (std_g v + eps)`` with the population std, differentiable (a group
-    without spread gets a zero std with a finite gradient)."""
-    centred = values - segment_mean(values, group, num_groups).index_select(0, group)
-    variance = segment_mean(centred.square(), group, num_groups)
+def population_zscore(values: torch.Tensor, group: torch.Tensor, num_groups: int, eps: float,
+                      valid: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` ``(v - mean_g v) / (std_g v + eps)`` with the population std over the ``valid`` ``(N,)``
+    rows of each group, differentiable (a group without spread gets a zero std with a finite gradient).
+    Rows that are not valid neither enter the statistics nor get a score (0)."""
+    counts = segment_sum(valid.to(values.dtype), group, num_groups).clamp(min=1)
+    mean = segment_sum(torch.where(valid, values, 0.0), group, num_groups) / counts
+    centred = values - mean.index_select(0, group)
+    variance = segment_sum(torch.where(valid, centred.square(), 0.0), group, num_groups) / counts
     std = variance.clamp(min=1e-30).sqrt()
-    return centred / (std.index_select(0, group) + eps)
+    return torch.where(valid, centred / (std.index_select(0, group) + eps), 0.0)
 
 
 def reg_grpo_losses(log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
@@ -50,10 +56,15 @@ def reg_grpo_losses(log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: 
     Args:
         log_probs, old_log_probs, mask: ``(B, T)``; targets: ``(B,)`` advantages ``A``;
         group: ``(B,)`` ids in ``[0, G')``; scale: the factor of ``z``; eps: added to the std of ``z``.
+
+    A row without any real token (e.g. a truncated completion masked out whole) has no ``z``: it is left
+    out of its group's mean and std of ``z`` and its error is 0.
     """
     keep = mask > 0
+    real = keep.any(dim=-1)
     z = scale * masked_mean(torch.where(keep, log_probs - old_log_probs, 0.0), mask, dim=-1)
-    return (population_zscore(z, group, num_groups, eps) - targets).square()
+    errors = (population_zscore(z, group, num_groups, eps, real) - targets).square()
+    return torch.where(real, errors, 0.0)
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class RegGRPO(Method):
     name = "reg_grpo"
     Config = RegGRPOConfig
     paper = "https://arxiv.org/abs/2506.07464"
-    plugin_api = ">=1.1,<2"
+    plugin_api = ">=1.3,<2"  # Needs.excludes_hooks
 
     @classmethod
     def example(cls) -> Example:
@@ -81,7 +92,10 @@ class RegGRPO(Method):
 
     def needs(self) -> Needs:
         return Needs(loss_fields={"group_index"}, features={"whole_groups"},
-                     why={"whole_groups": "the group statistics of z in its loss"})
+                     excludes_hooks={"mask_tokens", "gate_loss"},  # they scale the replaced policy loss
+                     why={"whole_groups": "the group statistics of z in its loss",
+                          **dict.fromkeys(("mask_tokens", "gate_loss"), "its regression replaces the policy loss "
+                                          "that the other method's token weights or gates would scale")})
 
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:

@@ -7,13 +7,15 @@ one. S-GRPO trains it with plain GRPO on three rule-based rewards:
     R_format = 1 if the output parses into the required tagged sections, else 0
     R_acc    = 1 if 1[l^ >= 0.5] equals the gold label l_gt, else 0
     R_sugg   = 1 if l_gt = 0 (the action is wrong) and the suggestion matches the gold correction, else 0
-    R        = w_f R_format + w_a R_acc + w_s R_sugg          (maximum 3 for a wrong action, 2 for a right one)
+    R        = w_f R_format + w_a R_acc + w_s R_sugg          (maximum 3 for a wrong action, 2 for a right one,
+                                                              with the weights of 1 the paper implies)
     A_i      = (R_i - mean_g R) / (std_g R + eps)             (plain GRPO)
 
 The three rewards are reward components the user provides (the suggestion matcher, rule or LLM, is
 the user's ``suggestion`` function); the gold label, read from a dataset column, limits the
 suggestion reward to wrong actions. The weighted sum equals TRL's ``reward_weights`` sum of the
-three functions once the suggestion reward is 0 for right actions. Shapes: ``N`` completions.
+three functions once the suggestion reward is 0 for right actions; the weights are the trainer's unless
+set in the config. Shapes: ``N`` completions.
 """
 
 from __future__ import annotations
@@ -55,16 +57,28 @@ def gold_labels(batch: GRPOBatch, column: str, method: str) -> torch.Tensor:
         raise ValueError(f"{method} reads the gold label column '{column}' (config 'label_column'), but the batch "
                          "carries no dataset rows; set label_column='' to trust the suggestion reward as given")
     try:
-        labels = torch.tensor([float(row[column]) for row in batch.rows])  # one value per row: data extraction
+        values = [row[column] for row in batch.rows]  # one value per row: data extraction
     except KeyError:
         raise ValueError(
             f"{method} reads the gold label column '{column}' (config 'label_column'; 1 = the proposed action is "
             f"correct, 0 = wrong), but the dataset rows have columns {sorted(batch.rows[0])}; add it, name yours in "
             "label_column, or set label_column='' when the suggestion reward is already 0 for correct actions"
         ) from None
-    if not bool(((labels == 0) | (labels == 1)).all()):
-        raise ValueError(f"{method}: the gold labels in '{column}' must be 0 or 1, got {sorted(set(labels.tolist()))[:5]}")
-    return (labels == 1).to(batch.prompt_ids.device)
+    offending = list(dict.fromkeys(repr(value) for value in values if not _is_binary(value)))
+    if offending:
+        raise ValueError(
+            f"{method}: the gold labels in '{column}' (config 'label_column') must be 0 or 1 (1 = the proposed "
+            f"action is correct), got {', '.join(offending[:5])}"
+        )
+    return torch.tensor([float(value) == 1 for value in values], device=batch.prompt_ids.device)
+
+
+def _is_binary(value) -> bool:
+    """Whether a label reads as the number 0 or 1 (None, text and other numbers do not)."""
+    try:
+        return float(value) in (0.0, 1.0)
+    except (TypeError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------- the method
@@ -77,9 +91,18 @@ class SGRPOConfig:
     suggestion_reward: str = option(
         "suggestion", "Reward component: 1 where the suggestion matches the gold correction (None/NaN = not applicable)."
     )
-    format_weight: float = option(1.0, "w_f (inferred).", domain=NON_NEGATIVE)
-    accuracy_weight: float = option(1.0, "w_a (inferred).", domain=NON_NEGATIVE)
-    suggestion_weight: float = option(1.0, "w_s (inferred).", domain=NON_NEGATIVE)
+    format_weight: float | None = option(
+        None, "w_f (inferred 1); None takes the trainer's weight of format_reward (1 without one). A set value needs "
+        "the trainer's weight of that reward to be 1 or the same value.", paper=1.0, domain=NON_NEGATIVE,
+    )
+    accuracy_weight: float | None = option(
+        None, "w_a (inferred 1); None takes the trainer's weight of accuracy_reward, as format_weight.",
+        paper=1.0, domain=NON_NEGATIVE,
+    )
+    suggestion_weight: float | None = option(
+        None, "w_s (inferred 1); None takes the trainer's weight of suggestion_reward, as format_weight.",
+        paper=1.0, domain=NON_NEGATIVE,
+    )
     label_column: str = option(
         "label", "Dataset column with the gold label l_gt (1 = the proposed action is correct); the suggestion reward "
         "counts only where it is 0. '' trusts the suggestion reward as given.",
@@ -122,6 +145,26 @@ class SGRPO(Method):
     def requires(self) -> set[str]:
         return {"rows"} if self.config.label_column else set()
 
+    def weights(self, trainer_weights: list[float], rewards: list[str]) -> tuple[float, float, float]:
+        """``(w_f, w_a, w_s)``: each option's value, or the trainer's weight of that reward where it is None.
+
+        ``trainer_weights``: the trainer's weights of the format, accuracy and suggestion rewards (named
+        ``rewards``). A weight set in the config while the trainer weighs the same reward by something other
+        than 1 or that value is refused: the two settings disagree and neither silently wins.
+        """
+        options = ("format_weight", "accuracy_weight", "suggestion_weight")
+        chosen = []
+        for option_name, reward_name, trainer in zip(options, rewards, trainer_weights):  # three rewards
+            value = getattr(self.config, option_name)
+            if value is not None and trainer not in (1.0, value):
+                raise ValueError(
+                    f"{self.name}: {option_name}={value:g}, but the trainer weighs the reward '{reward_name}' by "
+                    f"{trainer:g}; set the weight in one place: leave {option_name} unset (None) to use the "
+                    "trainer's, or set the trainer's weight of that reward to 1"
+                )
+            chosen.append(trainer if value is None else value)
+        return tuple(chosen)
+
     @hookimpl
     def shape_rewards(self, batch: GRPOBatch) -> torch.Tensor:
         """``(N,)`` suggestion-aware reward; replaces the trainer's sum of the three components."""
@@ -130,12 +173,12 @@ class SGRPO(Method):
         acc = named_component(batch, c.accuracy_reward, self.name, "accuracy_reward")
         sugg = named_component(batch, c.suggestion_reward, self.name, "suggestion_reward", allow_nan=True)
         correct = gold_labels(batch, c.label_column, self.name) if c.label_column else None
-        weights = (c.format_weight, c.accuracy_weight, c.suggestion_weight)
-        reward, gated = suggestion_aware_reward(fmt, acc, sugg, correct, weights)
         names = tuple(batch.reward_names)
         used = [names.index(n) for n in (c.format_reward, c.accuracy_reward, c.suggestion_reward)]
         others = [k for k in range(len(names)) if k not in used]
         trainer_weights = torch.ones(len(names)) if batch.reward_weights is None else batch.reward_weights.float().cpu()
+        weights = self.weights(trainer_weights[used].tolist(), [names[k] for k in used])
+        reward, gated = suggestion_aware_reward(fmt, acc, sugg, correct, weights)
         if others and c.other_rewards == "error":
             raise ValueError(
                 f"s_grpo builds the reward from {[names[k] for k in used]}, but the trainer also has reward(s) "

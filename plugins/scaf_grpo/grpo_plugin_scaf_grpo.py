@@ -98,7 +98,11 @@ class ScafGRPOConfig:
     chunks_per_tier: int = option(
         4, "Hint levels within a tier: level j of a tier shows its first j chunks.", paper=4, domain=Range(1)
     )
-    template: str = option("\n{label}: {hint}", "How a hint is appended to the prompt (or to the last user message).")
+    template: str = option(
+        "\n{label}: {hint}",
+        "How a hint is appended to the prompt (or to the last user message): str.format with {hint} and optionally "
+        "{label}, no other placeholder (write a literal brace as '{{' or '}}').",
+    )
     total_steps: int = option(
         0,
         "Optimiser steps of the whole run, to turn warmup_fraction into steps; 0 takes the trainer's run length "
@@ -132,6 +136,13 @@ class ScafGRPOConfig:
             raise ValueError("warmup_fraction must be in [0, 1]")
         if "{hint}" not in self.template:
             raise ValueError("template must contain '{hint}'")
+        try:  # fill it as hint_for will, so that a bad template fails now, not when a prompt first gets a hint
+            self.template.format(label="label", hint="hint")
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as error:
+            raise ValueError(
+                f"template {self.template!r} cannot be filled with only {{label}} and {{hint}} "
+                f"({type(error).__name__}: {error}); write a literal brace as '{{{{' or '}}}}'"
+            ) from None
 
 
 class ScafGRPO(Method):

@@ -4,7 +4,7 @@ Xu & Ding, 2025 (arXiv:2509.13232). Each prompt ``x`` carries a Beta tracker ``(
 value ``v(x) = alpha_x / (alpha_x + beta_x)``. A completion's advantage is ``a = r - v(x)`` (the value
 read before this step's update), normalised once over the whole batch:
 
-    A = (a - mean_B(a)) / (std_B(a) + 1e-8)            (unbiased std; a batch of one gets A = 0)
+    A = (a - mean_B(a)) / (std_B(a) + 1e-8)            (unbiased std; A = 0 when every a of the batch is equal)
 
 After the step each visited prompt's tracker is discounted and updated,
 
@@ -25,7 +25,7 @@ import torch
 
 from grpo_plugins import FINITE, NON_NEGATIVE, POSITIVE, GRPOBatch, Method, PromptRound, Range, hookimpl, option
 from grpo_plugins import Example
-from grpo_plugins.ops import global_mean_std, segment_sum
+from grpo_plugins.ops import global_all_equal, global_mean_std, segment_sum
 from grpo_plugins.parallel import ParallelContext
 from grpo_plugins.prompt_table import PromptTable, draw_weighted
 
@@ -43,11 +43,13 @@ def spo_advantages(
     """``(N,)`` advantages ``(a - mean(a)) / (std(a) + epsilon)`` with ``a = rewards - values``.
 
     ``rewards``, ``values``: ``(N,)`` (``values`` = tracker value of each completion's prompt). The mean
-    and unbiased std run over the global batch (all ranks); a global batch of one gets 0.
+    and unbiased std run over the global batch (all ranks). A global batch whose ``a`` are all equal
+    (a batch of one included) gets exactly 0, decided from the global max and min of ``a``.
     """
     raw = rewards - values
-    mean, std = global_mean_std(raw, parallel or ParallelContext())
-    return (raw - mean) / (std + epsilon)
+    parallel = parallel or ParallelContext()
+    mean, std = global_mean_std(raw, parallel)
+    return ((raw - mean) / (std + epsilon)).masked_fill(global_all_equal(raw, parallel), 0.0)
 
 
 def forgetting_factor(
@@ -132,7 +134,7 @@ class SPOConfig:
         domain=Range(0, 1, low_open=True),
     )
     sampling_epsilon: float = option(0.05, "eps added to sqrt(v(1-v)) in the sampling weights.", domain=NON_NEGATIVE)
-    norm_epsilon: float = option(1e-8, "Added to the batch std before dividing.", domain=NON_NEGATIVE)
+    norm_epsilon: float = option(1e-8, "Added to the batch std before dividing.", domain=POSITIVE)
     prior_alpha: float = option(0.5, "alpha of a prompt never seen (without offline initialisation).", domain=POSITIVE)
     prior_beta: float = option(0.5, "beta of a prompt never seen.", domain=POSITIVE)
     reward_range: tuple[float, float] = option(
@@ -160,6 +162,7 @@ class SPO(Method):
     name = "spo"
     Config = SPOConfig
     paper = "https://arxiv.org/abs/2509.13232"
+    plugin_api = ">=1.3,<2"  # grpo_plugins.ops.global_all_equal
 
     @classmethod
     def example(cls) -> Example:

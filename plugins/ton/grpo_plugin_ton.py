@@ -129,7 +129,8 @@ class TONConfig:
         "reward unchanged and only log the skip rate (your format reward already accepts empty thoughts).",
     )
     format_weight: float = option(
-        1.0, "Weight of the think-or-not format reward in 'add' mode (the paper sums accuracy and format).",
+        1.0, "Weight of the think-or-not format reward in 'add' mode (the paper sums accuracy and format); "
+        "only 'add' reads it, other modes refuse a value other than 1.",
         domain=NON_NEGATIVE,
     )
     format_component: str = option(
@@ -149,6 +150,13 @@ class TONConfig:
             raise ValueError("format_reward='replace' needs format_component: the name of the reward it replaces")
         if self.format_reward != "replace" and self.format_component:
             raise ValueError(f"format_component={self.format_component!r} is only read with format_reward='replace'")
+        if self.format_reward != "add" and self.format_weight != 1.0:
+            raise ValueError(
+                f"format_weight={self.format_weight:g} is only read with format_reward='add' (got "
+                f"format_reward={self.format_reward!r}"
+                + (": 'replace' uses the weight the trainer gives format_component)" if self.format_reward == "replace"
+                   else ": 'none' leaves the reward unchanged)")
+            )
 
 
 class TON(Method):

@@ -8,10 +8,17 @@ import pytest
 
 pytest.importorskip("trl")
 
+import math  # noqa: E402
+
 import torch  # noqa: E402
 
 from grpo_plugin_polychromic import diversity_keys, polychromic_advantages  # noqa: E402
 from grpo_plugins_trl.testing import digit_overlap_reward, finite_losses, tiny_grpo_run  # noqa: E402
+
+
+def positive_overlap_reward(completions, answer, **kwargs) -> list[float]:
+    """``exp`` of the dense test reward: it varies for a random model and is > 0, as polychromic requires."""
+    return [math.exp(r) for r in digit_overlap_reward(completions, answer)]
 
 
 @pytest.mark.parametrize(
@@ -20,7 +27,7 @@ from grpo_plugins_trl.testing import digit_overlap_reward, finite_losses, tiny_g
 )
 def test_tiny_trl_run(methods):
     extra = {"num_iterations": 2} if len(methods) == 2 else {}
-    trainer = tiny_grpo_run(methods, max_steps=2, reward_funcs=digit_overlap_reward, **extra)
+    trainer = tiny_grpo_run(methods, max_steps=2, reward_funcs=positive_overlap_reward, **extra)
     assert finite_losses(trainer)
     logged = set().union(*trainer.state.log_history)
     assert {"plugins/polychromic/mean_set_score", "plugins/polychromic/distinct_keys_per_group"} <= logged

@@ -5,6 +5,7 @@ import math
 import zlib
 
 import pytest
+import torch
 
 pytest.importorskip("trl")
 pytest.importorskip("grpo_plugin_prs_vspo")
@@ -32,6 +33,10 @@ def test_prs_vspo_alone_replaces_zero_advantage_groups_and_samples_by_value():
     recorder = BatchRecorder()
     trainer = run([{"prs_vspo": CONFIG}, recorder])
     assert trainer.plugin_refill is not None and trainer.plans_rounds  # batch editing and value sampling installed
+    # the pass rates count every generated completion once, the dropped groups included (keep_rows, each round)
+    table = trainer.composition.method("prs_vspo").table
+    seen_total = table.get("seen", torch.arange(len(trainer.train_dataset))).sum().item()
+    assert seen_total == trainer.plugin_refill.total_rollouts > 3 * trainer.args.generation_batch_size
     assert len(recorder.batches) == 3
     for batch in recorder.batches:  # the trained batches: shaped rewards, no group with all-equal PRS rewards
         method = trainer.composition.method("prs_vspo")

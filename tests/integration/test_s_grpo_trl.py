@@ -80,6 +80,16 @@ def test_s_grpo_alone():
     torch.testing.assert_close(batch.rewards, expected)
 
 
+def test_s_grpo_takes_the_trainer_reward_weights():
+    trainer = tiny_grpo_run(["s_grpo"], max_steps=1, reward_funcs=REWARDS, dataset=critic_dataset(),
+                            reward_weights=TRL_WEIGHTS)
+    assert finite_losses(trainer)
+    batch = trainer.last_plugin_batch
+    torch.testing.assert_close(batch.reward_weights, torch.tensor(TRL_WEIGHTS))
+    expected = (batch.reward_components * torch.tensor(TRL_WEIGHTS).unsqueeze(0)).sum(1)  # suggestion gated: no NaN
+    torch.testing.assert_close(batch.rewards, expected)
+
+
 def test_s_grpo_with_gdpo():
     from grpo_plugin_gdpo import gdpo_advantages
 

@@ -28,9 +28,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from grpo_plugins import Composition
 from grpo_plugins.cli import composition_problems
 from grpo_plugins.errors import CompositionError
+from grpo_plugins.needs import PROMPT_ID_COLUMN, prompt_id_problems
 
 TRAINER = "TRL GRPOTrainer"
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
@@ -65,10 +68,18 @@ def trainer_problems(args: Any, methods: Any, dataset: Any = None) -> tuple[Comp
         problems = problems + composition.capability_problems(trl_capabilities(args, dataset))
         problems = problems + surrogate_problems(args, composition) + objective_problems(args, composition)
         problems = problems + refill_problems(args, composition, dataset)
+        problems = problems + prompt_id_problems(composition, prompt_id_column(dataset))
         from grpo_plugins_trl.injection import injection_problems
 
         problems = problems + injection_problems(args, composition, dataset)
     return composition, problems
+
+
+def prompt_id_column(dataset: Any) -> Any:
+    """The map-style dataset's ``prompt_id`` column (None: no such column, or a streamed dataset)."""
+    if dataset is None or PROMPT_ID_COLUMN not in (getattr(dataset, "column_names", None) or ()):
+        return None
+    return None if isinstance(dataset, torch.utils.data.IterableDataset) else dataset[PROMPT_ID_COLUMN]
 
 
 def raise_problems(problems: Sequence[str]) -> None:

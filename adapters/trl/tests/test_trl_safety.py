@@ -91,3 +91,34 @@ def test_every_documented_configuration_builds_a_trainer():
     for methods in lists:
         trainer = tiny_grpo_run(methods, max_steps=1, loss_type="dapo")
         assert trainer.composition.user_methods
+
+
+# --------------------------------------------------------------------------- prompt ids vs dataset indices
+class FirstPrompts(Method):
+    """Plans each round: the first ``num_prompts`` dataset indices."""
+
+    name = "first_prompts"
+
+    @hookimpl
+    def sample_prompts(self, round, generator):
+        import torch
+
+        return torch.arange(round.num_prompts)
+
+
+def test_a_prompt_id_column_that_is_not_the_row_index_is_refused_with_a_round_planner(tmp_path):
+    from grpo_plugins import CompositionError
+
+    shifted = arithmetic_dataset(8).map(lambda row: {"prompt_id": row["prompt_id"] + 100})
+    with pytest.raises(CompositionError, match=r"\['first_prompts'\] plan the rounds by dataset row index, but the "
+                                               r"training dataset's 'prompt_id' column is not the row index \(row 0 "
+                                               r"has prompt_id=100\)"):
+        PluginGRPOTrainer(model=tiny_model(), reward_funcs=exact_answer_reward, args=config(tmp_path),
+                          train_dataset=shifted, processing_class=tiny_tokenizer(), plugins=[FirstPrompts()])
+    trainer = PluginGRPOTrainer(model=tiny_model(), reward_funcs=exact_answer_reward, args=config(tmp_path),
+                                train_dataset=shifted, processing_class=tiny_tokenizer(), plugins=["unlikeliness"])
+    assert trainer.composition.names == ["unlikeliness", "grpo"]  # no planner: any prompt_id column keys the groups
+    build(PluginGRPOTrainer, config(tmp_path, grpo_plugins=None))  # the row-index column of arithmetic_dataset
+    assert PluginGRPOTrainer(model=tiny_model(), reward_funcs=exact_answer_reward, args=config(tmp_path),
+                             train_dataset=arithmetic_dataset(8), processing_class=tiny_tokenizer(),
+                             plugins=[FirstPrompts()]).plans_rounds

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from grpo_plugins import BatchError, CompositionError, GRPOBatch, ParallelContext
+from grpo_plugins.batch import STAGE_FIELDS
 from grpo_plugins.objectives import whole_group_methods
 from grpo_plugins.steps import Steps, last_turn_rows, turn_row_steps
 from grpo_plugins.surrogates import weight_token_advantages
@@ -113,7 +114,8 @@ def check_required(runtime: Runtime, batch: GRPOBatch, uids: np.ndarray) -> None
     required = composition.required_fields()
     if "rows" in required and batch.rows is None and runtime.rows_for is not None:
         batch.rows = runtime.rows_for(runtime.dataset_indices(uids))
-    missing = sorted(name for name in required if getattr(batch, name) is None or getattr(batch, name) == {})
+    missing = sorted(name for name in required - STAGE_FIELDS if getattr(batch, name) is None
+                     or getattr(batch, name) == {})
     if missing:
         how = {"ref_log_probs": REFERENCE_HINT + ", and trainer.v1.trainer_mode=grpo_plugins"}
         raise CompositionError("the verl batch lacks " + "; ".join(

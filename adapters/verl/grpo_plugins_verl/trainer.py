@@ -49,6 +49,7 @@ from verl.utils.dataset.rl_dataset import collate_fn
 from verl.workers.utils.padding import response_to_nested
 
 from grpo_plugins import Composition, CompositionError, PromptRound
+from grpo_plugins.needs import PROMPT_ID_COLUMN, prompt_id_problems
 from grpo_plugins.objectives import whole_group_methods
 
 from grpo_plugins_verl import injection, objectives, probe, refill, statistics
@@ -64,8 +65,6 @@ INDEX_KEY = "__grpo_dataset_index__"
 """Column the adapter adds to dataset rows: the row's dataset index (removed before generation)."""
 ROLLOUT_N_KEY = "__rollout_n__"
 """verl's per-prompt rollout-count column (``agent_loop_tq._run_prompt``)."""
-PROMPT_ID_COLUMN = "prompt_id"
-"""Dataset column that, when present, keys the groups (rows sharing it form one group), as on TRL."""
 SKIPPED_METRIC = "plugins/skipped_empty_batches"
 """Step metric: batches the methods skipped because every completion was masked."""
 STATE_FILE = "grpo_plugins.pt"
@@ -224,6 +223,11 @@ class GRPOPluginsTrainer(PPOTrainerSync):
         super()._init_dataloader()
         columns = getattr(getattr(self.train_dataset, "dataframe", None), "column_names", None)
         check_run(self.grpo_plugins.composition, self.config, columns)  # now with the dataset's columns
+        frame = getattr(self.train_dataset, "dataframe", None)
+        problems = prompt_id_problems(self.grpo_plugins.composition,
+                                      frame[PROMPT_ID_COLUMN] if PROMPT_ID_COLUMN in (columns or ()) else None)
+        if problems:
+            raise CompositionError(problems[0])
         self.grpo_plugins.total_steps = self._total_steps()
         self.grpo_plugins.tokenizer = self.tokenizer
         self.setup_context = objectives.run_context(self.config, self.tokenizer, len(self.train_dataset), self._total_steps(),

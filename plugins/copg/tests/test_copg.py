@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from grpo_plugins import Composition, GRPOBatch, LossInputs, LossTotals, PluginError
+from grpo_plugins import Composition, CompositionError, GRPOBatch, LossInputs, LossTotals, Method, PluginError, hookimpl
 from grpo_plugin_copg import pairwise_losses
 
 BETA = 0.2
@@ -128,3 +128,35 @@ def test_needs_whole_groups_and_reference():
     needs = Composition(["copg"]).needs()["copg"]
     assert {"whole_groups", "loss_normalisers"} <= needs.features
     assert {"ref_log_probs", "group_index"} <= needs.loss_fields
+
+
+
+class TokenWeights(Method):
+    name = "token_weights"
+
+    @hookimpl
+    def mask_tokens(self, batch):
+        return batch.token_mask
+
+
+class Gate(Method):
+    name = "gate"
+
+    @hookimpl
+    def gate_loss(self, inputs):
+        return torch.ones_like(inputs.mask)
+
+
+class AdvantageChange(Method):
+    name = "advantage_change"
+
+    @hookimpl
+    def adjust_advantages(self, batch, advantages):
+        return advantages * 2
+
+
+@pytest.mark.parametrize("other", [TokenWeights, Gate, AdvantageChange])
+def test_methods_whose_hooks_the_objective_makes_meaningless_are_refused(other):
+    """Token weights and gates scale the replaced policy loss, advantage changes reach no loss: refused."""
+    with pytest.raises(CompositionError, match=rf"'copg' cannot run together with method '{other.name}', which implements"):
+        Composition(["copg", other()])

@@ -131,9 +131,24 @@ def test_other_rewards_and_metrics():
     assert metrics["plugins/multirole/mean_length"] == 2.0
 
 
-def test_key_overflow_and_config_domains():
-    with pytest.raises(ValueError, match="int64"):
-        distinct_ngram_ratio(torch.tensor([[2**20, 1, 2, 3]]), torch.ones(1, 4), 4)
+def test_large_token_ids_every_n_of_the_domain():
+    # Qwen's special tokens (ids ~151k) sit inside the mask; no n of the domain may overflow
+    E, S, F = 151643, 151644, 151645
+    ids = torch.tensor([[E, S, F, E, S], [E, E, E, E, E], [2**40, 2**40 + 1, 2**40, 2**40 + 1, 7]])
+    mask = torch.ones(3, 5)
+    # unigrams 3/5, 1/5, 3/5; bigrams [ES SF FE ES] 3/4, 1/4, [ab ba ab b7] 3/4
+    assert distinct_ngram_ratio(ids, mask, 1).tolist() == pytest.approx([3 / 5, 1 / 5, 3 / 5])
+    assert distinct_ngram_ratio(ids, mask, 2).tolist() == pytest.approx([3 / 4, 1 / 4, 3 / 4])
+    # trigrams [ESF SFE FES] 1, [EEE x3] 1/3, [aba bab ab7] 1; 4-grams [ESFE SFES] 1, 1/2, 1
+    assert distinct_ngram_ratio(ids, mask, 3).tolist() == pytest.approx([1.0, 1 / 3, 1.0])
+    assert distinct_ngram_ratio(ids, mask, 4).tolist() == pytest.approx([1.0, 1 / 2, 1.0])
+    # the same n-gram in two rows counts in each row (ids are per row, not shared)
+    same = torch.tensor([[E, S, E, S], [E, S, E, S]])
+    assert distinct_ngram_ratio(same, torch.ones(2, 4), 4).tolist() == [1.0, 1.0]
+    assert distinct_ngram_ratio(same, torch.ones(2, 4), 2).tolist() == pytest.approx([2 / 3, 2 / 3])
+
+
+def test_config_domains():
     with pytest.raises(ConfigError, match="ngram"):
         Composition([{"multirole": {"ngram": 5}}])
     with pytest.raises(ConfigError, match="max_roles"):

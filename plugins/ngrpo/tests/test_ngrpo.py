@@ -68,6 +68,23 @@ def test_k_virtual_samples_and_r_max():
     assert a.tolist() == pytest.approx([-1.30558, -0.26112], abs=1e-5)
 
 
+def test_all_at_r_max_group_is_exactly_zero_at_any_r_max():
+    # float32 rewards 0.1 with R_max = 0.1 (a Python float64): the augmented group is constant -> A = 0 exactly
+    index = torch.tensor([0, 0, 0, 0, 1, 1])
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.1, 0.0])
+    a = ngrpo_advantages(rewards, index, 2, max_reward=0.1, num_virtual=1)
+    assert a[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    # the other group: augmented [0.1, 0, 0.1], mu = 0.2/3, sigma = sqrt(0.01/3) -> A = [0.57735, -1.15470]
+    assert a[4:].tolist() == pytest.approx([0.57735, -1.15470], abs=1e-4)
+    # double precision, where the mean of 5 + 2 equal values rounds (unguarded: A = -5.6e-11), and k = 0
+    value = 0.45938294312745087
+    double = ngrpo_advantages(torch.full((5,), value, dtype=torch.float64), torch.zeros(5, dtype=torch.long), 1,
+                              max_reward=value, num_virtual=2)
+    assert double.tolist() == [0.0] * 5
+    plain = ngrpo_advantages(torch.full((3,), 0.7), torch.zeros(3, dtype=torch.long), 1, num_virtual=0)
+    assert plain.tolist() == [0.0, 0.0, 0.0]
+
+
 def test_zero_virtual_samples_is_plain_grpo():
     rewards = [0.0, 1.0, 0.5, 1.0, 0.0, 0.2, 0.7, 0.7, 0.1, 0.9, 0.3]
     grpo = Composition([]).run_advantage_stage(make_batch((3, 2, 4, 2), rewards=rewards)).advantages

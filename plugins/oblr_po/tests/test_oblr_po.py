@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, GradientStatistics, GRPOBatch, TrainerCapabilities
+from grpo_plugins import Composition, CompositionError, ConfigError, GradientStatistics, GRPOBatch, TrainerCapabilities
 from grpo_plugin_oblr_po import gradient_snr, gradient_weights, optimal_baseline_advantages, snr_step_factor
 
 
@@ -50,6 +50,27 @@ def test_no_noise_and_single_unit_leave_the_step_alone():
     assert float(comp.run_scale_update(b, 0)) == 1.0
     b.gradient_statistics = GradientStatistics(torch.tensor([4.0]), torch.tensor(4.0))
     assert float(Composition(["oblr_po"]).run_scale_update(b, 0)) == 1.0
+
+
+def test_all_zero_gradients_give_no_estimate_and_keep_the_ema():
+    # units [0, 0], mean 0: SNR is 0 / 0 -> NaN (no estimate), not inf
+    zero = GradientStatistics(torch.tensor([0.0, 0.0]), torch.tensor(0.0))
+    assert math.isnan(float(gradient_snr(zero)))
+    comp = Composition([{"oblr_po": {"snr_momentum": 0.5}}])
+    b = batch([0.0, 1.0], [2, 2], [0, 0])
+    snr4 = GradientStatistics(torch.tensor([1.0, 9.0]), torch.tensor(4.0))
+    b.gradient_statistics = snr4
+    assert float(comp.run_scale_update(b, 0)) == pytest.approx(0.8)  # EMA 4
+    b.gradient_statistics = zero
+    assert float(comp.run_scale_update(b, 1)) == 1.0  # not scaled
+    assert comp.state_dict() == {"oblr_po": {"snr_ema": 4.0}}  # the EMA is left alone (was reset to inf)
+    b.gradient_statistics = GradientStatistics(torch.tensor([2.0, 2.0]), torch.tensor(0.0))  # SNR 0
+    assert float(comp.run_scale_update(b, 2)) == pytest.approx(2.0 / 3.0)  # EMA 0.5*4 + 0.5*0 = 2
+
+
+def test_both_parts_off_is_refused():
+    with pytest.raises(ConfigError, match="use_baseline and adaptive_step"):
+        Composition([{"oblr_po": {"use_baseline": False, "adaptive_step": False}}])
 
 
 def test_missing_statistics_is_a_clear_error():

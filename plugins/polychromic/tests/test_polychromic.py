@@ -128,6 +128,20 @@ def test_scale_by_std_option_and_keys_from_reward_or_function():
         advantages(["polychromic"], batch_of([1, 0, 1, 0], [0] * 4))
 
 
+def test_negative_rewards_are_refused_when_sets_have_diversity():
+    # keys [a, a, b, c], n = 2, all rewards -1: f(S) = -d(S) would push the duplicates a, a up
+    # (A = [+1/12, +1/12, -1/12, -1/12]); the card's example shifted by -1 ([0, 0, -1, 0]) likewise
+    for rewards in ([-1.0, -1.0, -1.0, -1.0], [0.0, 0.0, -1.0, 0.0]):
+        with pytest.raises(PluginError, match=r"polychromic with set_size=2 needs rewards >= 0 \(got a minimum of -1\)"):
+            advantages([{"polychromic": {"set_size": 2}}], batch_of(rewards, [0] * 4, ["a", "a", "b", "c"]))
+    with pytest.raises(ValueError, match="rewards >= 0"):
+        polychromic_advantages(torch.tensor([1.0, -0.5]), torch.tensor([0, 1]), torch.tensor([0, 0]), 1, set_size=2)
+    # n = 1 has d(S) = 1: any reward is fine (GRPO without the std); r = 0 is fine for every n
+    assert advantages([{"polychromic": {"set_size": 1}}], batch_of([-1.0, -3.0], [0, 0], ["a", "b"])).tolist() == [1.0, -1.0]
+    zero = advantages([{"polychromic": {"set_size": 2}}], batch_of([0.0, 0.0, 0.0], [0] * 3, ["a", "a", "b"]))
+    assert zero.tolist() == [0.0, 0.0, 0.0]
+
+
 def test_config_and_nan_rewards():
     with pytest.raises(ConfigError, match="set_size"):
         Composition([{"polychromic": {"set_size": 0}}])

@@ -66,7 +66,8 @@ def test_task_value_numbers():
 
 
 def test_value_sampling_after_observe():
-    c = Composition(["prs_vspo"])
+    # without the replacement, observe counts the trained batch (keep_rows counts every round otherwise)
+    c = Composition([{"prs_vspo": {"replace_zero_advantage_groups": False}}])
     method = c.method("prs_vspo")
     # prompt 0: 4/4 solved, prompt 1: 2/4, prompt 2: 0/4; prompts 3.. unseen (p = 1/2)
     b = batch([0] * 4 + [1] * 4 + [2] * 4, [1] * 12, [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -82,9 +83,31 @@ def test_value_sampling_after_observe():
         expected = torch.multinomial(value, 2, replacement=False, generator=torch.Generator().manual_seed(seed))
         assert drawn.tolist() == expected.tolist()
     assert c.pop_metrics()["plugins/prs_vspo/sampled_task_value"] == pytest.approx(float(value[expected].mean()))
-    restored = Composition(["prs_vspo"])
+    restored = Composition([{"prs_vspo": {"replace_zero_advantage_groups": False}}])
     restored.load_state_dict(c.state_dict())
     assert restored.method("prs_vspo").counts(torch.tensor([1]))[0].tolist() == [2.0]
+
+
+def test_dropped_groups_count_for_the_task_value():
+    """Prompt 0 solved 4/4 (PRS constant: dropped), prompt 1 solved 1/4 (kept). keep_rows counts both groups,
+    so prompt 0 loses value (p = 5/6, V = 0.408344) instead of keeping the unseen prior (V = 0.75); observe,
+    which sees only the kept group, counts nothing again (p = 2/6 for prompt 1, V = 0.792481)."""
+    c = Composition(["prs_vspo"])
+    b = batch([0] * 4 + [1] * 4, [1] * 8, [1, 1, 1, 1, 1, 0, 0, 0])
+    keep = c.run_keep_rows(b)
+    assert keep.tolist() == [False] * 4 + [True] * 4
+    trained = batch([1] * 4, [1] * 4, [1, 0, 0, 0])
+    c.run_observe(c.run_advantage_stage(trained), step=1)
+    solved, seen = c.method("prs_vspo").counts(torch.tensor([0, 1, 2]))
+    assert solved.tolist() == [4.0, 1.0, 0.0] and seen.tolist() == [4.0, 4.0, 0.0]
+    round = PromptRound(num_prompts=3, budget=12, dataset_size=3, step=1, default_rollouts=4)
+    c.pop_metrics()
+    drawn = c.run_sample_prompts(round, torch.Generator().manual_seed(0))
+    assert sorted(drawn.tolist()) == [0, 1, 2]  # all three: the mean of their values is logged
+    h2 = lambda p: -(p * math.log2(p) + (1 - p) * math.log2(1 - p))  # noqa: E731
+    values = [0.5 / 6 + 0.5 * h2(5 / 6), 0.5 * 4 / 6 + 0.5 * h2(2 / 6), 0.75]
+    assert values == pytest.approx([0.408344, 0.792481, 0.75], abs=1e-6)
+    assert c.pop_metrics()["plugins/prs_vspo/sampled_task_value"] == pytest.approx(sum(values) / 3)
 
 
 def test_constant_groups_get_exactly_zero_at_any_scale():

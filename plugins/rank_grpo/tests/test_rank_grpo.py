@@ -49,7 +49,7 @@ def test_card_item_ratio_and_clip():
 
 def test_segmentation_and_relevance():
     separators = torch.tensor([[False, True, False, True, False, False]])
-    items = item_index(separators, torch.tensor([[1, 1, 1, 1, 1, 0]]), 2)
+    items = item_index(separators, ~separators, torch.tensor([[1, 1, 1, 1, 1, 0]]), 2)
     assert items.tolist() == [[0, 0, 1, 1, 2, 2]]  # a separator ends its item; after K items: overflow bin K
     assert parse_items("1. Alien\n2) Heat\n\n- Up", "\n") == ["alien", "heat", "up"]
     rel, counts = relevance(["1. Alien\n2. Jaws", "garbage"], [["alien", "heat"], "heat"], "\n", 3)
@@ -133,3 +133,54 @@ def test_property_versus_grpo_rank_credit():
     signs on its two items, where GRPO gives all its tokens the one sign of its total reward."""
     adv = rank_advantages(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.zeros(2, dtype=torch.long), 1)
     assert adv[0, 0] > 0 > adv[0, 1]
+
+
+def test_empty_lines_end_no_item():
+    r"""Tokens a, SEP, SEP, b, SEP, EOS ("a\n\nb\n"): the empty line ends nothing (``parse_items`` drops it),
+    so "b" is item 1; a token holding item text and the separator (")\n") ends its item."""
+    separators = torch.tensor([[False, True, True, False, True, False]])
+    items = item_index(separators, ~separators, torch.ones(1, 6), 2)
+    assert items.tolist() == [[0, 0, 1, 1, 1, 2]]
+    # "x", ")\n", "\n", "y\n", "z": the merged tokens end items, the lone "\n" does not
+    separators = torch.tensor([[False, True, True, True, False]])
+    content = torch.tensor([[True, True, False, True, True]])
+    assert item_index(separators, content, torch.ones(1, 5), 5).tolist() == [[0, 0, 1, 1, 2]]
+
+
+def test_empty_line_keeps_items_on_their_ranks():
+    r"""K = 2, ground truth {b}: "a\n\nb\n" lists [a, b], "b\nc\n" lists [b, c]. Rank 0 hits [0, 1], rank 1
+    hits [1, 0] -> A = -+.5 / (.7071 + 1e-4) = -+.7070. The relevant "b" of completion 0 gets rank 1's
+    +.7070 (not the overflow bin's -.1); the EOS after the K-th item's separator gets only the exactly-K
+    bonus +.1 (not -.1 + .1)."""
+    ids = torch.tensor([[1, 5, 5, 2, 5, 9], [2, 5, 3, 5, 9, 0]])  # a=1 b=2 c=3 SEP=5 EOS=9
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]).float()
+    batch = GRPOBatch(prompt_ids=torch.tensor([0, 0]), rewards=torch.zeros(2), completion_ids=ids, completion_mask=mask,
+                      completions=["a\n\nb\n", "b\nc\n"], rows=[{"groundtruth": ["b"]}] * 2)
+    composition = Composition([{"rank_grpo": {"num_items": 2, "separator_token_id": 5}}])
+    adv = composition.run_advantage_stage(batch).advantages
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    assert adv[0].tolist() == pytest.approx([-a, -a, a, a, a, 0.1], abs=1e-6)
+    assert adv[1].tolist() == pytest.approx([a, a, -a, -a, 0.1, 0.0], abs=1e-6)
+
+
+def test_tokenizer_tables_skip_blank_and_numbering_tokens():
+    tokenizer = WordTokenizer()
+    composition = Composition([{"rank_grpo": {"num_items": 2}}])
+    composition.run_setup(RunContext(trainer="test", tokenizer=tokenizer))
+    method = composition.method("rank_grpo")
+    assert method.separator_ids.nonzero().flatten().tolist() == [5]
+    assert method.content_ids.tolist() == [True, True, True, True, True, False, False, False]  # "\n", "1.", "2."
+    texts = ["1. alien\n\n2. heat", "up\njaws"]
+    batch = composition.run_advantage_stage(batch_of(texts, [1, 1], [["alien", "heat"]] * 2, tokenizer))
+    assert batch.row_data["rank_grpo_item"][0].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_scale_rewards_off_centres_only():
+    rewards = torch.tensor([[1.0, 3.0], [0.0, 3.0], [1.0, 3.0], [0.0, 3.0]])
+    adv = rank_advantages(rewards, torch.zeros(4, dtype=torch.long), 1, scale=False)
+    assert adv.tolist() == [[0.5, 0.0], [-0.5, 0.0], [0.5, 0.0], [-0.5, 0.0]]
+    tokenizer = WordTokenizer()
+    composition = Composition([{"rank_grpo": {"num_items": 1, "scale_rewards": False, "length_penalty": 0.0}}])
+    composition.run_setup(RunContext(trainer="test", tokenizer=tokenizer))
+    batch = composition.run_advantage_stage(batch_of(["alien", "heat"], [1, 1], [["alien"]] * 2, tokenizer))
+    assert batch.advantages.flatten().tolist() == [0.5, -0.5]

@@ -11,6 +11,7 @@ import torch
 
 from grpo_plugins import Composition, ConfigError, GRPOBatch, LossInputs, RunContext
 from grpo_plugins.errors import BatchError, CompositionError
+from grpo_plugins.ops import segment_mean
 from grpo_plugins.surrogates import ppo_clip_loss
 from grpo_plugin_rec import balance_drop, group_baseline_advantages, rec_keep_mask
 
@@ -72,6 +73,23 @@ def test_balance_drop_hand_example():
     out = group_baseline_advantages(rewards, index, 2, keep=keep)
     assert out[0].item() == pytest.approx(0.5) and out[~keep].abs().sum() == 0
     assert sorted(out[1:4].tolist()) == pytest.approx([-0.5, 0.0, 0.0])
+
+
+def test_balance_drop_keeps_a_constant_group_whole():
+    # six equal float32 rewards: their float mean rounds above the value, so every row looked "negative"
+    value = 0.30742282
+    rewards = torch.tensor([value] * 6 + [1.0, 0.0, 0.0])
+    index = torch.tensor([0] * 6 + [1, 1, 1])
+    assert segment_mean(rewards, index, 2)[0] > rewards[0]  # the rounding this guards against
+    keep = balance_drop(rewards, index, 2, torch.Generator().manual_seed(0))
+    assert keep[:7].all() and int((~keep[7:]).sum()) == 1  # group 1: 1 positive, 2 negatives -> 1 dropped
+    out = group_baseline_advantages(rewards, index, 2, variant="asymre", keep=keep)
+    assert out[:6].tolist() == pytest.approx([0.1] * 6)  # AsymRE's constant group: -shift each, not 0
+    comp = Composition([{"rec": {"variant": "asymre", "drop": "balance"}}])
+    comp.run_setup(RunContext(trainer="test", seed=7))
+    adv = comp.run_advantage_stage(GRPOBatch(prompt_ids=torch.tensor([3] * 6), rewards=torch.full((6,), value))).advantages
+    assert adv.tolist() == pytest.approx([0.1] * 6)
+    assert comp.pop_metrics()["plugins/rec/frac_dropped"] == 0.0
 
 
 def test_balance_drop_needs_a_seed_and_is_reproducible():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_plugins import Composition, GRPOBatch, LossInputs, LossTotals
+from grpo_plugins import Composition, CompositionError, GRPOBatch, LossInputs, LossTotals, Method, hookimpl
 
 
 def run(log_pi, old, rewards, group, mask=None, config=None):
@@ -85,3 +85,32 @@ def test_unlike_grpo_no_clipping_plateau():
     parts, _ = run(log_pi, torch.zeros(2, 1, dtype=torch.float64), torch.tensor([0.0, 1.0]), torch.tensor([0, 0]))
     step_loss(parts, torch.ones(2, 1), 2).backward()
     assert log_pi.grad.abs().min().item() > 0
+
+
+def test_fully_masked_row_left_out_of_z_statistics():
+    """A row without real tokens (e.g. a truncated completion masked out whole) has no z: the card's four
+    rows keep their losses [.117, 2.094, .117, 2.094] and the masked row's loss is 0. Counted with z = 0 it
+    would shift the group's mean and std of z (losses [.324, 2.523, .139, 1.938])."""
+    old = torch.zeros(5, 1, dtype=torch.float64)
+    z = torch.tensor([[0.02], [0.01], [-0.01], [0.0], [0.3]], dtype=torch.float64)
+    mask = torch.tensor([[1.0], [1.0], [1.0], [1.0], [0.0]], dtype=torch.float64)
+    targets = torch.tensor([1.0, -1.0, -1.0, 1.0, 0.0], dtype=torch.float64)[:, None]
+    composition = Composition([{"reg_grpo": {"eps": 1e-9}}])
+    inputs = LossInputs(log_probs=z, old_log_probs=old, advantages=targets, mask=mask,
+                        group_index=torch.zeros(5, dtype=torch.long))
+    losses = composition.run_loss_stage(inputs, None).objectives["reg_grpo/regression"].values
+    assert losses.tolist() == pytest.approx([0.1167, 2.0944, 0.1167, 2.0944, 0.0], abs=1e-4)
+
+
+class TokenWeights(Method):
+    name = "token_weights"
+
+    @hookimpl
+    def mask_tokens(self, batch):
+        return batch.token_mask
+
+
+def test_token_weights_on_the_replaced_policy_loss_are_refused():
+    with pytest.raises(CompositionError, match=r"'reg_grpo' cannot run together with method 'token_weights', which "
+                                               r"implements hook 'mask_tokens'"):
+        Composition(["reg_grpo", TokenWeights()])

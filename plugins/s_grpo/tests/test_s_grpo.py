@@ -69,6 +69,28 @@ def test_equals_trl_weighted_sum_arithmetic_exactly():
     assert torch.equal(out.rewards, trl)
 
 
+def test_the_trainer_reward_weights_are_used_by_default():
+    # trainer weights (0.5, 2, 1.5), wrong action: [1,1,1] -> 0.5+2+1.5 = 4, [1,1,0] -> 2.5, [1,0,NaN] -> 0.5, 0
+    batch = batch_of([1, 1, 1, 0], [1, 1, 0, 0], [1, 0, NAN, 0], [0, 0, 0, 0], [1] * 4)
+    batch.reward_weights = torch.tensor([0.5, 2.0, 1.5])
+    out = run(["s_grpo"], batch)
+    assert out.rewards.tolist() == [4.0, 2.5, 0.5, 0.0]
+    assert out.reward_weights.tolist() == [0.5, 2.0, 1.5]
+    # a config weight agreeing with the trainer's, or replacing a trainer weight of 1, is used
+    batch.reward_weights = torch.tensor([0.5, 1.0, 1.5])
+    out = run([{"s_grpo": {"format_weight": 0.5, "accuracy_weight": 3.0}}], batch)
+    assert out.rewards.tolist() == [5.0, 3.5, 0.5, 0.0]
+    assert out.reward_weights.tolist() == [0.5, 3.0, 1.5]
+
+
+def test_a_config_weight_disagreeing_with_the_trainer_is_refused():
+    batch = card_batch()
+    batch.reward_weights = torch.tensor([1.0, 2.0, 1.0])
+    with pytest.raises(PluginError, match=r"s_grpo: accuracy_weight=3, but the trainer weighs the reward 'accuracy' "
+                                          r"by 2; .*leave accuracy_weight unset"):
+        run([{"s_grpo": {"accuracy_weight": 3.0}}], batch)
+
+
 def test_uneven_shuffled_groups_hand_numbers():
     # prompt 6 (wrong action, size 3): R = [1+1+1, 1+0+0, 0+1+0] = [3, 1, 1]; prompt 2 (right action, size 2):
     # R = [1+1+0 (suggestion gated), 1+0] = [2, 1]
@@ -118,8 +140,11 @@ def test_missing_inputs_are_clear_errors():
     norows.rows = None
     with pytest.raises(PluginError, match="no dataset rows"):
         run(["s_grpo"], norows)
-    with pytest.raises(PluginError, match="must be 0 or 1"):
-        run(["s_grpo"], batch_of([1, 1], [1, 0], [0, 0], [2, 2], [1, 1]))
+    with pytest.raises(PluginError, match=r"s_grpo: the gold labels in 'label' \(config 'label_column'\) must be 0 or 1.*got 2$"):
+        run(["s_grpo"], batch_of([1, 1], [1, 0], [0, 0], [2, 1], [1, 1]))
+    for label in (None, "wrong"):  # not numbers: the same message, not a bare TypeError / ValueError of float()
+        with pytest.raises(PluginError, match=rf"s_grpo: the gold labels in 'label' .*must be 0 or 1.*got {label!r}$"):
+            run(["s_grpo"], batch_of([1, 1], [1, 0], [0, 0], [label, 0], [1, 1]))
     with pytest.raises(PluginError, match=r"'accuracy'.*missing.*\[0\]"):
         run(["s_grpo"], batch_of([1, 1], [NAN, 0], [0, 0], [0, 0], [1, 1]))
     bad = card_batch()

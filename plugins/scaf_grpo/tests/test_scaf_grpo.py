@@ -161,6 +161,22 @@ def test_clear_errors():
         comp.run_advantage_stage(bad)
 
 
+@pytest.mark.parametrize("template, error", [
+    ("\n{label}: {hint} {x}", "KeyError: 'x'"),
+    ('Answer as {"k": 1}: {hint}', "KeyError: '\"k\"'"),
+    ("{0}{hint}", "IndexError"),
+])
+def test_a_template_with_other_placeholders_is_refused_at_start(template, error):
+    # before: accepted, then a KeyError / IndexError when a prompt first got a hint after the warm-up
+    with pytest.raises(ConfigError, match=rf"scaf_grpo.*template .* cannot be filled with only {{label}} and {{hint}} "
+                                          rf"\({error}.*write a literal brace as '{{{{'"):
+        Composition([{"scaf_grpo": {"template": template}}])
+    # literal braces written doubled are fine: "{{k}}" is the text "{k}"
+    comp = Composition([{"scaf_grpo": {"template": " {{k}} {label}: {hint}", "warmup_steps": 0}}])
+    comp.run_observe(group_batch(*FAIL), step=1)
+    assert augment(comp, 1) == "2 + 2 = {k} Knowledge Hints: k1."
+
+
 def test_state_round_trip(tmp_path):
     comp = scaf()
     for step in (3, 4, 5):

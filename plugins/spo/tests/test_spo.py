@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import BatchError, Composition, CompositionError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
+from grpo_plugins import BatchError, Composition, ConfigError, CompositionError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
+from grpo_plugins.parallel import ParallelContext
 from grpo_plugins.registry import resolve
 from grpo_plugins.testing import make_batch
 from grpo_plugin_spo import draw_prompts, forgetting_factor, offline_prior, sampling_weights, spo_advantages
@@ -160,6 +161,72 @@ def test_batch_of_one_gets_zero():
     out = Composition(["spo"]).run_advantage_stage(batch_of([5], [1.0]))
     assert torch.equal(out.advantages, torch.zeros(1))
     assert torch.equal(spo_advantages(torch.tensor([1.0]), torch.tensor([0.3])), torch.zeros(1))
+
+
+def test_constant_batch_gets_exact_zeros_despite_the_mean_residue():
+    # rho constant 0.875: three fresh prompts fail (v = 0.5, a = -0.5, exact), then fail again with
+    # v = 0.4375 / 1.875 = 0.2333..: a is constant but its float mean is not, A must still be exactly 0
+    composition = Composition([{"spo": {"rho_mode": "constant"}}])
+    batch = batch_of([0, 1, 2], [0.0, 0.0, 0.0])
+    for step in (1, 2):
+        out = composition.run_advantage_stage(batch)
+        assert torch.equal(out.advantages, torch.zeros(3))
+        assert composition.pop_metrics()["plugins/spo/frac_zero_advantage"] == 1.0
+        composition.run_observe(batch, step)
+    # offline prior s = 0 of n = 8 (v = 0.5/9 * 8 / 8 = 1/18) on 7 prompts, all correct: a = 17/18 everywhere
+    composition = Composition(["spo"])
+    composition.method("spo").initialize(torch.arange(7), torch.zeros(7), 8)
+    out = composition.run_advantage_stage(batch_of(list(range(7)), [1.0] * 7))
+    assert torch.equal(out.advantages, torch.zeros(7))
+    # the function itself: equal a -> 0, one differing a -> the usual normalisation
+    assert torch.equal(spo_advantages(torch.zeros(3, dtype=torch.float64), torch.full((3,), 0.7, dtype=torch.float64)),
+                       torch.zeros(3, dtype=torch.float64))
+
+
+def test_norm_epsilon_must_be_positive():
+    with pytest.raises(ConfigError, match="spo.*norm_epsilon.*\\(0, inf\\)"):
+        Composition([{"spo": {"norm_epsilon": 0.0}}])
+
+
+def _all_equal_rank(rank: int, port: int, shards: list, out_dir: str) -> None:
+    """One gloo rank: SPO advantages of its shard with the batch statistics reduced across ranks."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        parallel = ParallelContext(rank=rank, world_size=2, gathered=False)
+        results = [spo_advantages(torch.tensor(r, dtype=torch.float64), torch.tensor(v, dtype=torch.float64), parallel)
+                   for r, v in shards[rank]]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_equal_is_decided_across_data_parallel_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # case 1: a = 1 - 0.3 = 0.7 on every row of both ranks -> all 0
+    # case 2: rank 0 a = [0.7, 0.7], rank 1 a = [0.4] (constant on each rank, not globally):
+    #   mean 0.6, unbiased std sqrt((0.01 + 0.01 + 0.04) / 2) = 0.173205 -> [0.57735, 0.57735] and [-1.154701]
+    # case 3: rank 1 holds no rows; rank 0 a = [0.7, 0.7] -> 0
+    shards = [
+        [([1.0, 1.0], [0.3, 0.3]), ([1.0, 1.0], [0.3, 0.3]), ([1.0, 1.0], [0.3, 0.3])],
+        [([1.0], [0.3]), ([1.0], [0.6]), ([], [])],
+    ]
+    mp.start_processes(_all_equal_rank, args=(port, shards, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert torch.equal(rank0[0], torch.zeros(2, dtype=torch.float64)) and torch.equal(rank1[0], torch.zeros(1, dtype=torch.float64))
+    torch.testing.assert_close(rank0[1], torch.tensor([0.57735, 0.57735], dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rank1[1], torch.tensor([-1.154701], dtype=torch.float64), atol=1e-5, rtol=0)
+    assert torch.equal(rank0[2], torch.zeros(2, dtype=torch.float64)) and rank1[2].shape == (0,)
 
 
 def test_value_is_read_before_the_update():

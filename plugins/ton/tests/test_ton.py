@@ -215,6 +215,11 @@ def test_unknown_format_component_names_the_components():
         ({"format_reward": "replace"}, "needs format_component"),
         ({"format_component": "fmt"}, "only read with format_reward='replace'"),
         ({"format_weight": -1.0}, "format_weight"),
+        # format_weight is read only in 'add' mode: a weight set with another mode would be silently ignored
+        ({"format_reward": "none", "format_weight": 2.0},
+         r"ton.*format_weight=2 is only read with format_reward='add' \(got format_reward='none'"),
+        ({"format_reward": "replace", "format_component": "fmt", "format_weight": 2.0},
+         r"ton.*format_weight=2 is only read with format_reward='add' .*weight the trainer gives format_component"),
         ({"format_reward": "sometimes"}, "format_reward"),
     ],
 )

@@ -242,3 +242,20 @@ def assert_same_state(left, right) -> None:
             assert_same_state(a, b)
     else:
         assert left == right
+
+
+def test_a_prompt_id_column_that_is_not_the_row_index_is_refused_with_a_round_planner(tiny_assets, ray_cluster,
+                                                                                      tmp_path):
+    """``allocate_rollouts`` speaks of dataset indices; the groups are keyed by the ``prompt_id`` column."""
+    import pandas as pd
+
+    train = pd.read_parquet(tiny_assets / "train.parquet")
+    train["prompt_id"] = list(range(100, 100 + len(train)))
+    train.to_parquet(tmp_path / "train.parquet")
+    for linked in ("model", "val.parquet"):
+        (tmp_path / linked).symlink_to(tiny_assets / linked)
+    grpo_plugins_verl.configure([UnevenAllocator()])
+    config = compose_config([], tmp_path, REWARD, overrides_for([]))
+    with pytest.raises(CompositionError, match=r"\['uneven_allocator'\] plan the rounds by dataset row index.*"
+                                               r"\(row 0 has prompt_id=100\)"):
+        run_fit(config)
