@@ -42,7 +42,8 @@ HISTORY: Mapping[str, str] = {
     "(grpo_plugins.probe: ProbeRequest, OldPolicyProbe, ProbeChunk, UpdatePreview); the multi-turn step records "
     "GRPOBatch.steps (grpo_plugins.steps.Steps), which replace the designed GRPOBatch.turn_index",
     "1.3": "GRPOBatch.unshaped_rewards (the trainer's rewards before shape_rewards); Needs.excludes_hooks (hooks "
-    "whose output a method makes meaningless); grpo_plugins.ops.global_all_equal",
+    "whose output a method makes meaningless); Needs.runs_first (chain hooks whose input a method ignores); "
+    "grpo_plugins.ops.global_all_equal",
 }
 """What each version added (a minor version) or changed (a major one)."""
 

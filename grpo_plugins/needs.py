@@ -117,6 +117,9 @@ class Needs:
         excludes_hooks: hooks whose output the method makes meaningless (e.g. ``mask_tokens`` and
             ``gate_loss`` when its objective replaces the policy loss they scale): any other enabled
             method implementing one is refused when the run is built.
+        runs_first: chain hooks whose chained input the method ignores (e.g. a ``shape_rewards`` that
+            rebuilds the reward from ``reward_components``): another method implementing one listed
+            before it is refused when the run is built (its output would be lost).
         temperatures: temperatures of ``batch.old_log_probs_at`` it reads.
         probes: ``{name: ProbeRequest}`` old-policy probes it reads as ``batch.probes[name]``
             (:mod:`grpo_plugins.probe`); they imply the feature ``old_policy_probe``, and ``update_preview``
@@ -132,6 +135,7 @@ class Needs:
     methods: frozenset[str] = frozenset()
     excludes: frozenset[str] = frozenset()
     excludes_hooks: frozenset[str] = frozenset()
+    runs_first: frozenset[str] = frozenset()
     temperatures: frozenset[float] = frozenset()
     probes: Mapping[str, ProbeRequest] = field(default_factory=dict)
     why: Mapping[str, str] = field(default_factory=dict)
@@ -142,7 +146,8 @@ class Needs:
         if any(isinstance(r, ProbeRequest) and r.update_preview for r in self.probes.values()):
             implied.add("update_preview")
         object.__setattr__(self, "features", _names(self.features) | implied)
-        for name in ("batch_fields", "loss_fields", "features", "columns", "methods", "excludes", "excludes_hooks"):
+        for name in ("batch_fields", "loss_fields", "features", "columns", "methods", "excludes", "excludes_hooks",
+                     "runs_first"):
             object.__setattr__(self, name, _names(getattr(self, name)))
         object.__setattr__(self, "temperatures", frozenset(float(t) for t in self.temperatures))
         object.__setattr__(self, "settings", dict(self.settings))
@@ -159,6 +164,7 @@ class Needs:
             methods=self.methods | other.methods,
             excludes=self.excludes | other.excludes,
             excludes_hooks=self.excludes_hooks | other.excludes_hooks,
+            runs_first=self.runs_first | other.runs_first,
             temperatures=self.temperatures | other.temperatures,
             probes={**self.probes, **other.probes},
             why={**self.why, **other.why},
@@ -172,7 +178,7 @@ class Needs:
             ("loss field", self.loss_fields, LOSS_FIELDS),
             ("feature", self.features, FEATURES),
             ("setting", set(self.settings), SETTINGS),
-            ("hook", self.excludes_hooks, HOOK_NAMES),
+            ("hook", self.excludes_hooks | self.runs_first, HOOK_NAMES),
         ):
             for name in sorted(set(names) - set(known)):
                 problems.append(f"unknown {label} '{name}' (known: {', '.join(sorted(known))})")
@@ -189,7 +195,8 @@ class Needs:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form (sorted lists; settings as text); empty fields left out."""
         out: dict[str, Any] = {}
-        for name in ("batch_fields", "loss_fields", "features", "columns", "methods", "excludes", "excludes_hooks"):
+        for name in ("batch_fields", "loss_fields", "features", "columns", "methods", "excludes", "excludes_hooks",
+                     "runs_first"):
             if getattr(self, name):
                 out[name] = sorted(getattr(self, name))
         if self.temperatures:
@@ -204,7 +211,7 @@ class Needs:
         """One readable line per kind of need (for ``grpo-plugins show``)."""
         labels = {"batch_fields": "batch fields", "loss_fields": "loss fields", "features": "trainer features",
                   "columns": "dataset columns", "methods": "methods", "excludes": "excludes methods",
-                  "excludes_hooks": "excludes other methods' hooks",
+                  "excludes_hooks": "excludes other methods' hooks", "runs_first": "runs first in hooks",
                   "temperatures": "temperatures", "probes": "old-policy probes", "settings": "settings"}
         out = []
         for key, value in self.as_dict().items():
@@ -400,12 +407,20 @@ def capability_problems(composition: "Composition", capabilities: TrainerCapabil
 
 def relation_problems(needs: Mapping[str, Needs], active: Iterable[str],
                       providers: Mapping[str, Iterable[str]] | None = None) -> list[str]:
-    """Every method a method needs that is not enabled, every active method it excludes, and every other
-    method implementing a hook it excludes (``providers``: hook -> the methods implementing it). These
-    depend on the run's list only, so :class:`~grpo_plugins.Composition` checks them at start-up."""
+    """Every method a method needs that is not enabled, every active method it excludes, every other
+    method implementing a hook it excludes and every method listed before it in a hook it must run first
+    in (``providers``: hook -> the methods implementing it, in the order they run). These depend on the
+    run's list only, so :class:`~grpo_plugins.Composition` checks them at start-up."""
     active = list(active)
     problems = []
     for name, declared in needs.items():
+        for hook in sorted(declared.runs_first):
+            order = list((providers or {}).get(hook, ()))
+            for other in order[:order.index(name)] if name in order else ():
+                reason = declared.why.get(hook)
+                problems.append(f"method '{name}' must run first among the methods implementing hook '{hook}'"
+                                + (f" ({reason})" if reason else "") + f", but method '{other}' is listed before "
+                                f"it: list '{name}' before '{other}'")
         for hook in sorted(declared.excludes_hooks):
             for other in (providers or {}).get(hook, ()):
                 if other != name:
@@ -442,9 +457,13 @@ def prompt_id_problems(composition: "Composition", prompt_ids: Iterable[Any] | N
     Methods that plan the rounds (``sample_prompts``, ``allocate_rollouts``) speak of dataset row
     indices, while the adapters key the groups, and so every per-prompt state a method learns from
     ``batch.prompt_ids``, by the column: the two must be the same numbers, i.e. the column must be
-    the row index.
+    the row index. A planner that declares the column among its needs (``Needs.columns``) reads it
+    itself (e.g. to draw the rows sharing an id together) and is not held to this.
     """
-    planners = list(dict.fromkeys(composition.providers("sample_prompts") + composition.providers("allocate_rollouts")))
+    needs = composition.needs()
+    planners = [name for name in dict.fromkeys(composition.providers("sample_prompts")
+                                               + composition.providers("allocate_rollouts"))
+                if PROMPT_ID_COLUMN not in needs[name].columns]
     if not planners or prompt_ids is None:
         return []
     values = list(prompt_ids)

@@ -230,3 +230,20 @@ def test_round_planners_need_the_prompt_id_column_to_be_the_row_index():
         (problem,) = prompt_id_problems(composition, column)
         assert "method(s) ['planner'] plan the rounds by dataset row index" in problem and shown in problem
     assert prompt_id_problems(Composition([]), [5, 5, 9]) == []  # no planner: the column keys the groups freely
+    reader = named("reader", sample_prompts=lambda round: torch.arange(round.num_prompts),
+                   needs=Needs(columns={"prompt_id"}))
+    assert prompt_id_problems(Composition([reader]), [5, 5, 9]) == []  # it reads the column itself
+    allocator = named("allocator", allocate_rollouts=lambda round, prompt_ids: torch.full_like(prompt_ids, 2))
+    (problem,) = prompt_id_problems(Composition([reader, allocator]), [5, 5, 9])
+    assert "method(s) ['allocator'] plan" in problem
+
+
+def test_a_method_that_ignores_the_chained_input_must_run_first():
+    rebuilds = named("rebuilds", shape_rewards=lambda batch: batch.reward_components.sum(1),
+                     needs=Needs(runs_first={"shape_rewards"}, why={"shape_rewards": "it rebuilds the reward"}))
+    before = named("before", shape_rewards=lambda rewards: rewards + 1)
+    with pytest.raises(CompositionError, match=r"method 'rebuilds' must run first among the methods implementing hook "
+                                               r"'shape_rewards' \(it rebuilds the reward\), but method 'before' is "
+                                               r"listed before it: list 'rebuilds' before 'before'"):
+        Composition([before, rebuilds])
+    assert Composition([rebuilds, before]).providers("shape_rewards") == ["rebuilds", "before"]  # after it: fine

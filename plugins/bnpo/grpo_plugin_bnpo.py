@@ -13,7 +13,12 @@ rates at every step (no state across steps):
     A_i   = w_g (s_i - p_g)
 
 With several binary rewards, the paper's "advantage decomposition" normalises each reward
-component separately (its own alpha, beta) and averages: ``A = (1/K) sum_k A^(k)``.
+component separately (its own alpha, beta) and averages: ``A = (1/K) sum_k A^(k)``. Where a
+component is NaN (it did not apply) it is left out of its group's ``p_g`` and of the Beta fit, and
+``A^(k) = 0`` there.
+
+A group of one has ``p = 0``; with ``alpha > 1`` its density is 0, so a lone correct completion gets
+``A = max_weight`` (the default ``single_completion="zero_baseline"``, the paper code's choice).
 
 This is **not** TRL's ``loss_type="bnpo"``, which is a loss normaliser (token mean over the local
 batch); this method changes the advantages and works with any loss type.
@@ -31,17 +36,23 @@ import torch
 
 from grpo_plugins import FINITE, POSITIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
 from grpo_plugins import Example
-from grpo_plugins.ops import global_mean_std, segment_count, segment_max, segment_mean, segment_min
+from grpo_plugins.ops import global_mean_std, segment_count, segment_max, segment_min, segment_sum
 
 
-def success_rates(scores: torch.Tensor, index: torch.Tensor, num_groups: int) -> torch.Tensor:
+def success_rates(
+    scores: torch.Tensor, index: torch.Tensor, num_groups: int, applied: torch.Tensor | None = None
+) -> torch.Tensor:
     """``p_g``: mean of ``scores`` ``(N,)`` in each group -> ``(G,)`` float64; a group of one gets 0 (the paper's code).
 
-    Summed in float64, where a sum of float32 scores in ``[0, 1]`` is exact in any order (unless their
-    binary exponents span about 29 or more bits): two groups
-    holding the same rewards in another order get the very same rate (so an all-equal batch has ``v = 0``).
+    ``applied``: ``(N,)`` bool, the completions whose score counts (None: all); the others (a reward
+    component that did not apply) are left out of their group's mean, and a group where none applied
+    gets 0. Summed in float64, where a sum of float32 scores in ``[0, 1]`` is exact in any order (unless
+    their binary exponents span about 29 or more bits): two groups holding the same rewards in another
+    order get the very same rate (so an all-equal batch has ``v = 0``).
     """
-    means = segment_mean(scores.double(), index, num_groups)
+    applied = torch.ones_like(scores, dtype=torch.bool) if applied is None else applied
+    values = torch.where(applied, scores.double(), 0.0)
+    means = segment_sum(values, index, num_groups) / segment_sum(applied.double(), index, num_groups).clamp(min=1)
     return torch.where(segment_count(index, num_groups) > 1, means, torch.zeros_like(means))
 
 
@@ -89,20 +100,27 @@ def bnpo_advantages(
     num_groups: int,
     parallel: ParallelContext | None = None,
     max_weight: float = 1e6,
+    applied: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BNPO advantages of one reward in ``[0, 1]`` -> ``((N,) advantages, alpha, beta)``.
 
     ``scores``: ``(N,)`` rewards already mapped to ``[0, 1]``; ``index``: ``(N,)`` group of each
     completion in ``[0, G)``. A group whose scores are all equal gives exactly 0 (also where the
-    density is 0 and the weight is clipped at ``max_weight``).
+    density is 0 and the weight is clipped at ``max_weight``). ``applied``: ``(N,)`` bool (None: all),
+    where the reward applied: the others (any value, NaN included) get 0 and are left out of their
+    group's rate, and groups where it never applied are left out of the Beta fit.
     """
-    rates = success_rates(scores, index, num_groups)
-    alpha, beta = beta_parameters(rates, parallel)
+    applied = torch.ones_like(scores, dtype=torch.bool) if applied is None else applied
+    scores = torch.where(applied, scores, torch.zeros_like(scores))
+    rates = success_rates(scores, index, num_groups, applied)
+    alpha, beta = beta_parameters(rates[segment_sum(applied.long(), index, num_groups) > 0], parallel)
     weights = (1.0 / beta_density(rates, alpha, beta)).clamp(0.0, max_weight).to(scores.dtype)
     advantages = weights.index_select(0, index) * (scores - rates.index_select(0, index).to(scores.dtype))
-    constant = segment_max(scores, index, num_groups) == segment_min(scores, index, num_groups)
-    constant = constant & (segment_count(index, num_groups) > 1)  # a group of one keeps s - 0 (the code's baseline)
-    return torch.where(constant.index_select(0, index), torch.zeros_like(advantages), advantages), alpha, beta
+    highest = segment_max(torch.where(applied, scores, float("-inf")), index, num_groups)
+    lowest = segment_min(torch.where(applied, scores, float("inf")), index, num_groups)
+    constant = (highest <= lowest) & (segment_count(index, num_groups) > 1)  # a group of one keeps s - 0 (the code's baseline)
+    zero = constant.index_select(0, index) | ~applied
+    return torch.where(zero, torch.zeros_like(advantages), advantages), alpha, beta
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,8 @@ class BNPOConfig:
     )
     single_completion: Literal["zero_baseline", "error"] = option(
         "zero_baseline", "A group of one completion: 'zero_baseline' uses p = 0 as the paper's code does "
-        "(its advantage is w * s); 'error' refuses such batches.", paper="zero_baseline",
+        "(its advantage is w * s: a lone correct completion gets max_weight); 'error' refuses such batches.",
+        paper="zero_baseline",
     )
 
     def __post_init__(self):
@@ -147,8 +166,7 @@ class BNPO(Method):
         if self.config.single_completion == "error":
             batch.require_group_size(2, "bnpo with single_completion='error'")
         if self.config.decompose and batch.reward_components is not None:
-            components = batch.reward_components.float()
-            columns = torch.where(torch.isnan(components), torch.zeros_like(components), components).unbind(1)
+            columns = batch.reward_components.float().unbind(1)  # NaN: the component did not apply (A^(k) = 0 there)
             names = batch.reward_names or tuple(f"component {k}" for k in range(len(columns)))
         else:
             columns, names = (batch.rewards.float(),), ("reward",)
@@ -161,11 +179,13 @@ class BNPO(Method):
 
     def _one_reward(self, rewards: torch.Tensor, name: str, batch: GRPOBatch):
         low, high = self.config.reward_min, self.config.reward_max
+        applied = ~torch.isnan(rewards)
         outside = (rewards < low) | (rewards > high)
         if bool(outside.any()):
+            values = rewards[applied]
             raise ValueError(
-                f"{name} has values in [{rewards.min().item():g}, {rewards.max().item():g}], outside "
+                f"{name} has values in [{values.min().item():g}, {values.max().item():g}], outside "
                 f"[reward_min, reward_max] = [{low:g}, {high:g}]; set reward_min / reward_max to the reward's range"
             )
         scores = (rewards - low) / (high - low)
-        return bnpo_advantages(scores, batch.group_index, batch.num_groups, batch.parallel, self.config.max_weight)
+        return bnpo_advantages(scores, batch.group_index, batch.num_groups, batch.parallel, self.config.max_weight, applied)

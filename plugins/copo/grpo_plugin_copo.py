@@ -53,10 +53,26 @@ def global_advantages(
 
     ``consistency``: ``(G,)`` one value per prompt (each prompt counts once, whatever its group size).
     """
-    mean, std = global_mean_std(consistency, parallel or ParallelContext())
+    parallel = parallel or ParallelContext()
+    mean, std = global_mean_std(consistency, parallel)
     normalized = (consistency - mean) / (std + epsilon)
-    flat = consistency.amax() == consistency.amin()
-    return torch.where(flat, torch.zeros_like(normalized), normalized)
+    highest, lowest = global_max_min(consistency, parallel)
+    return torch.where(highest <= lowest, torch.zeros_like(normalized), normalized)
+
+
+def global_max_min(values: torch.Tensor, parallel: ParallelContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximum and minimum of ``values`` ``(G,)`` over every rank -> two scalars (``-inf``, ``+inf`` when empty).
+
+    Through a sum: each rank writes ``(1, max, min)`` into its own row of a zero ``(world_size, 3)``
+    table; a rank without values leaves its row 0 and is skipped through that first column.
+    """
+    table = values.new_zeros(parallel.world_size, 3)
+    if values.numel():
+        table[parallel.rank] = torch.stack([values.new_tensor(1.0), values.amax(), values.amin()])
+    present, highest, lowest = parallel.all_reduce_sum(table).unbind(1)
+    present = present > 0
+    inf = torch.full_like(highest, float("inf"))
+    return torch.where(present, highest, -inf).amax(), torch.where(present, lowest, inf).amin()
 
 
 def answer_entropy(answer_ids: torch.Tensor, index: torch.Tensor, num_groups: int, base: float = 2.0) -> torch.Tensor:
@@ -173,8 +189,10 @@ class COPO(Method):
         """``(N,)`` COPO advantages from ``batch.rewards`` and the completions' answers."""
         cfg = self.config
         answers = answer_classes(batch, cfg.answers, self._extractor)
+        # at least float32, float64 kept: a float32 copy would merge rewards that differ below its precision
+        rewards = batch.rewards.to(torch.promote_types(batch.rewards.dtype, torch.float32))
         advantages, weights = copo_advantages(
-            batch.rewards.float(), answers, batch.group_index, batch.num_groups, batch.parallel,
+            rewards, answers, batch.group_index, batch.num_groups, batch.parallel,
             cfg.sharpness, cfg.threshold, 2.0 if cfg.entropy_unit == "bits" else math.e, cfg.blend, cfg.epsilon,
         )
         self.log_metric("mean_local_weight", weights.mean())

@@ -14,7 +14,8 @@ rule-based signals and a model judge. Here:
     advance      s <- s + 1 when the observed batch's accuracy exceeds ``advance_accuracy``, or
                  after ``stage_steps`` optimiser steps in the stage (0: by accuracy only)
     reward       R = sum_k w_k c_k over the named reward components (format, action type, argument
-                 score, judge, ...); a NaN component (did not apply) counts 0
+                 score, judge, ...); a NaN component (did not apply) counts 0. R replaces the trainer's
+                 reward, so craft_gui must come first among the shape_rewards methods
     advantage    plain GRPO over R (the built-in estimator)
 
 Shapes: ``D`` dataset prompts, ``P`` prompts in a round, ``N`` completions, ``G`` groups, ``K``
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from grpo_plugins import FINITE, NON_NEGATIVE, UNIT, GRPOBatch, Method, PromptRound, Range, hookimpl, option
+from grpo_plugins import FINITE, NON_NEGATIVE, UNIT, GRPOBatch, Method, Needs, PromptRound, Range, hookimpl, option
 from grpo_plugins.ops import segment_mean
 from grpo_plugins.prompt_table import PromptTable
 
@@ -142,6 +143,7 @@ class CraftGUI(Method):
     name = "craft_gui"
     Config = CraftGUIConfig
     paper = "https://arxiv.org/abs/2508.11360"
+    plugin_api = ">=1.3,<2"  # Needs.runs_first
 
     def __init__(self, config: CraftGUIConfig | None = None):
         super().__init__(config)
@@ -155,6 +157,9 @@ class CraftGUI(Method):
     def last_stage(self) -> int:
         """Index of the final stage, where every bin is eligible."""
         return len(self.config.pass_rate_thresholds)
+
+    def needs(self) -> Needs:
+        return Needs(runs_first={"shape_rewards"}, why={"shape_rewards": "it rebuilds the reward from reward_components, so an earlier shaping would be lost"})
 
     def disabled_hooks(self) -> set[str]:
         off = set()
@@ -191,7 +196,8 @@ class CraftGUI(Method):
 
     @hookimpl
     def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` hybrid reward ``sum_k w_k c_k`` over the configured components."""
+        """``(N,)`` hybrid reward ``sum_k w_k c_k`` over the configured components (it replaces the trainer's
+        reward, so craft_gui runs first among the ``shape_rewards`` methods: ``Needs.runs_first``)."""
         c = self.config
         components = self._components(batch, c.reward_components)
         weights = torch.tensor(c.reward_weights or (1.0,) * len(c.reward_components), dtype=torch.float64)

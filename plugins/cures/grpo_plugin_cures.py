@@ -80,18 +80,32 @@ def cures_allocation(
     without one get ``min(probe_rollouts, budget // P)``; prompts with ``p in {0, 1}`` (``sigma = 0``)
     get ``settled_rollouts`` (0: dropped); the others share the rest in proportion to
     ``sigma = sqrt(p (1 - p))``, with at least ``min_rollouts`` and at most ``max_rollouts`` each
-    (largest remainder). When no known prompt has ``0 < p < 1`` the rest is split evenly.
+    (largest remainder).
+
+    The whole budget is spent (the hook's contract). When the prompts with ``0 < p < 1`` are all at
+    ``max_rollouts``, what is left goes evenly to the other prompts of the round (the probed ones and
+    settled ones with ``settled_rollouts > 0``) up to ``max_rollouts``; when every prompt of the round is
+    at ``max_rollouts``, the cap yields and the rest goes beyond it (in proportion to ``sigma``, else
+    evenly). A dropped prompt stays dropped, so no prompt is handed a single rollout it was never
+    meant to have; only when no prompt is in the round at all is the budget split evenly over every
+    prompt.
 
     Example (the card): ``p = [0.5, 0.25, 0]``, budget 16 -> ``sigma = [0.5, 0.433, 0]`` -> ``[9, 7, 0]``.
     """
     num = int(p.numel())
     probe = min(int(probe_rollouts), int(budget) // max(num, 1))
     sigma = torch.where(known, gradient_std(p), torch.zeros((), dtype=torch.float64))
+    mixed = sigma > 0
     cap = float(budget if max_rollouts is None else max_rollouts)
-    low = torch.where(known, torch.where(sigma > 0, float(min_rollouts), float(settled_rollouts)), float(probe))
-    high = torch.where(known, torch.where(sigma > 0, cap, float(settled_rollouts)), float(probe))
-    if float(high.sum()) < budget:  # nobody may take the rest: open every prompt up to the cap
-        high = torch.full_like(high, cap)
+    low = torch.where(known, torch.where(mixed, float(min_rollouts), float(settled_rollouts)), float(probe))
+    high = torch.where(known, torch.where(mixed, cap, float(settled_rollouts)), float(probe))
+    in_round = (low > 0) | mixed
+    if float(high.sum()) < budget:  # the mixed prompts are full: the other prompts of the round, up to the cap
+        high = torch.where(in_round, high.clamp(min=cap), high)  # (a probe above the cap keeps its probe)
+    if float(high.sum()) < budget:  # every prompt of the round is at the cap: the cap yields
+        low, high = torch.where(in_round, high, low), torch.where(in_round, float(budget), high)
+    if float(high.sum()) < budget:  # no prompt in the round (every one settled and dropped): an even split
+        high = torch.full_like(high, float(budget))
     return apportion(sigma, budget, low, high)
 
 
@@ -119,19 +133,20 @@ class CurESConfig:
     )
     threshold: float = option(0.5, "A completion is accepted when its reward is above this.", domain=FINITE)
     probe_rollouts: int = option(
-        4, "N_min: rollouts of a prompt without an estimate, and completions observed before its estimate is used.",
-        domain=Range(1, None),
+        4, "N_min: rollouts of a prompt without an estimate, and completions observed before its estimate is used "
+        "(at least 2: one would be a group of one).", domain=Range(2, None),
     )
     min_rollouts: int = option(
-        2, "Fewest rollouts of a prompt with 0 < p < 1 (two give GRPO a non-zero advantage; the released code has no "
-        "minimum).", paper=0, domain=NON_NEGATIVE,
+        2, "Fewest rollouts of a prompt with 0 < p < 1: 0 or at least 2 (two give GRPO a non-zero advantage, one "
+        "would be a group of one; the released code has no minimum).", paper=0, domain=NON_NEGATIVE,
     )
     settled_rollouts: int = option(
-        0, "Rollouts of a prompt with p in {0, 1} (sigma = 0); 0 drops it from the round, as the released code does.",
-        domain=NON_NEGATIVE,
+        0, "Rollouts of a prompt with p in {0, 1} (sigma = 0): 0 drops it from the round, as the released code does; "
+        "otherwise at least 2 (one would be a group of one).", domain=NON_NEGATIVE,
     )
     max_rollouts: int | None = option(
-        None, "Most rollouts of one prompt; None = no cap (released code).", domain=Range(1, None)
+        None, "Most rollouts of one prompt; None = no cap (released code). It yields only when every prompt of the "
+        "round is at the cap and budget is left.", domain=Range(1, None)
     )
     allocation_estimate: Literal["empirical", "posterior"] = option(
         "empirical",
@@ -139,6 +154,12 @@ class CurESConfig:
     )
 
     def __post_init__(self):
+        for name in ("min_rollouts", "settled_rollouts"):
+            if getattr(self, name) == 1:
+                raise ValueError(
+                    f"{name} must be 0 or at least 2, got 1: a prompt with one rollout is a group of one, "
+                    "whose advantage GRPO cannot normalise"
+                )
         if self.max_rollouts is not None and self.max_rollouts < max(self.min_rollouts, self.settled_rollouts):
             raise ValueError(
                 f"max_rollouts ({self.max_rollouts}) must be >= min_rollouts ({self.min_rollouts}) and settled_rollouts "

@@ -19,7 +19,9 @@ decides which completions and tokens enter the loss:
 
 The weight of a kept token is 1, or with ``renormalise`` ``n_real / n_kept`` (the batch's real tokens over
 the kept ones), so that a token mean over the completion mask equals the mean over the kept tokens (the
-paper's "average over kept tokens"; the adapters never change the normaliser). Dropped tokens weigh 0.
+paper's "average over kept tokens"; the adapters never change the normaliser). That holds for a token-mean
+loss only (one batch-wide factor), so ``renormalise`` declares ``loss_aggregation: token_mean``. Dropped
+tokens weigh 0.
 
 Shapes: ``N`` completions, ``G`` groups, ``T`` tokens.
 """
@@ -156,7 +158,8 @@ class D3SConfig:
         "order) or every score at least the 1 - rho_t quantile ('quantile', TRL's top_entropy_quantile rule, "
         "ties kept).", paper="top_count")
     renormalise: bool = option(True, "Weight kept tokens by n_real / n_kept so that the token mean runs over the "
-                               "kept tokens (the paper); False: weight 1 (TRL's top_entropy_quantile convention).")
+                               "kept tokens (the paper); needs a token-mean loss (checked at start-up). False: "
+                               "weight 1 (TRL's top_entropy_quantile convention), any loss.")
 
 
 class D3S(Method):
@@ -173,7 +176,14 @@ class D3S(Method):
                                        "(stable sort), as the paper's tie-breaking")
 
     def needs(self) -> Needs:
-        return Needs(batch_fields={"old_entropies"}, why={"old_entropies": "the token scores |A| H"})
+        why = {"old_entropies": "the token scores |A| H"}
+        if not self.config.renormalise:
+            return Needs(batch_fields={"old_entropies"}, why=why)
+        # one batch-wide factor n_real / n_kept turns the token mean into the mean over kept tokens only when the
+        # loss divides by the batch's token count; under a sequence mean it would be a plain global rescale
+        why["loss_aggregation"] = ("renormalise weights kept tokens by n_real / n_kept, the mean over kept tokens only "
+                                   "under a token-mean loss (set renormalise: false for another loss)")
+        return Needs(batch_fields={"old_entropies"}, settings={"loss_aggregation": ("token_mean",)}, why=why)
 
     def fractions(self, batch: GRPOBatch) -> tuple[float, float]:
         """``(rho_s, rho_t)`` at the batch's step."""

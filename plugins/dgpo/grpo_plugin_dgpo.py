@@ -132,7 +132,8 @@ class DGPO(Method):
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:
         """``(N,)`` DGPO advantages from ``batch.rewards``, the accuracy component and the token mask."""
         cfg, index, groups = self.config, batch.group_index, batch.num_groups
-        rewards = batch.rewards.float()
+        # at least float32, float64 kept: a float32 copy would merge rewards that differ below its precision
+        rewards = batch.rewards.to(torch.promote_types(batch.rewards.dtype, torch.float32))
         if cfg.mad_scaling:
             advantages = dgae_advantages(rewards, index, groups, cfg.epsilon)
         else:

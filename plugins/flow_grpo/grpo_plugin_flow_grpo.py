@@ -10,8 +10,10 @@ trajectory's group-relative advantage:
 (std unbiased, ``eps = 1e-6``; ``normalization="mean"`` drops the division). The statistics run over the
 query's trajectories (``episode_weighting="trajectory"``, the paper) or over its turn rows, a trajectory
 counted once per turn (``"step"``: the released code gives verl's GRPO one row per turn carrying the
-trajectory's reward). ``R_i`` is the trajectory's outcome, the reward of its row (on rows that are turns:
-the row of its last turn); step rewards, where an environment gives them, add up to it (NaN counts as 0).
+trajectory's reward). ``R_i`` is the trajectory's outcome, the reward of its row after any
+``shape_rewards`` (on rows that are turns: the row of its last turn), copied to every turn as the card's
+single verifiable final reward; the method reads no step rewards (``Steps.reward`` is ignored: an
+environment's per-turn rewards belong to ``gigpo`` or ``salt``).
 A query with one trajectory scores it against mean 0 and std 1 (``A = R``, as verl does); a query whose
 outcomes are all equal gets exactly 0.
 
@@ -28,6 +30,7 @@ Shapes: ``N`` rows, ``T`` tokens, ``S`` steps, ``M`` trajectories, ``B`` rows of
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -105,8 +108,10 @@ class FlowGRPO(Method):
         """``(N, T)``: the trajectory's ``A_i`` on the tokens of each of its turns, 0 on environment tokens."""
         steps, mask, c = batch.steps, batch.completion_mask, self.config
         task, trajectory, m = trajectories_of_batch(batch, self.name)
-        advantage, _ = episode_advantages(steps, task, trajectory, m, batch.rewards, c.normalization == "mean_std",
-                                          c.episode_weighting, c.epsilon)
+        # outcome only: with every step reward unknown, R_i is the (shaped) reward of its last turn's row
+        outcome_only = dataclasses.replace(steps, reward=torch.full_like(steps.reward, float("nan")))
+        advantage, _ = episode_advantages(outcome_only, task, trajectory, m, batch.rewards,
+                                          c.normalization == "mean_std", c.episode_weighting, c.epsilon)
         if c.turn_weighting == "nested":
             batch.row_data[TURN_WEIGHT] = nested_turn_weights(steps, trajectory, m, mask).to(batch.rewards.dtype)
         if m:

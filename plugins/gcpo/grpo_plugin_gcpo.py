@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, hookimpl, option
+from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, Needs, hookimpl, option
 from grpo_plugins import Example
 from grpo_plugins.ops import segment_count, segment_max, segment_sum
 from grpo_plugins.rewards import OtherRewards, named_component, other_rewards_sum
@@ -145,6 +145,7 @@ class GCPO(Method):
     name = "gcpo"
     Config = GCPOConfig
     paper = "https://arxiv.org/abs/2506.07160"
+    plugin_api = ">=1.3,<2"  # Needs.runs_first
 
     @classmethod
     def example(cls) -> Example:
@@ -153,6 +154,12 @@ class GCPO(Method):
 
     def requires(self) -> set[str]:
         return {"completion_mask"}
+
+    def needs(self) -> Needs:
+        return Needs(excludes={"gdpo"}, runs_first={"shape_rewards"},
+                     why={"gdpo": "gdpo normalises the raw reward components and never reads gcpo's shaped reward, "
+                                  "so the contrastive mask and the length reward would be lost",
+                          "shape_rewards": "it rebuilds the reward from reward_components, so an earlier shaping would be lost"})
 
     @hookimpl
     def shape_rewards(self, batch: GRPOBatch) -> torch.Tensor:

@@ -10,6 +10,9 @@ reward weights, then normalises the sum over the whole (global) batch:
     S_i      = sum_k w_k Ahat_{i,k}
     A_i      = (S_i - mean(S)) / (std(S) + eps)                            over the batch, unbiased std
 
+The statistics run in float64, and a group whose ``S`` is constant (every component constant within it,
+for one) gets exactly 0: ``mean(S)`` is 0 in exact arithmetic, so only its rounding residue would move it.
+
 Shapes: ``N`` completions, ``G`` groups, ``K`` reward components.
 """
 
@@ -21,7 +24,7 @@ from typing import Literal
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
-from grpo_plugins.ops import global_mean_std, group_normalize
+from grpo_plugins.ops import constant_groups, global_mean_std, group_normalize
 
 
 def decoupled_group_normalize(
@@ -50,7 +53,8 @@ def gdpo_advantages(
 
     Args:
         components: ``(N, K)`` rewards per completion and reward function; NaN (not applicable)
-            counts as 0, as in the paper's code.
+            counts as 0, as in the paper's code. Statistics in float64; the result is float32, exactly 0 on
+            every group whose weighted sum ``S`` is constant.
         weights: ``(K,)`` reward weights.
         index: ``(N,)`` group of each completion in ``[0, G)``; every group needs >= 2 members.
         num_groups: ``G``.
@@ -58,16 +62,17 @@ def gdpo_advantages(
         epsilon: added to both standard deviations.
         batch_normalize: the final batch z-score (the paper's step 4).
     """
-    components = components.float()
+    components = components.double()
     components = torch.where(torch.isnan(components), torch.zeros_like(components), components)
     if not bool(torch.isfinite(components).all()):
         raise ValueError("reward components contain +-inf; GDPO needs finite rewards (NaN is read as 0)")
     normalized = decoupled_group_normalize(components, index, num_groups, epsilon)
     summed = normalized @ weights.to(normalized)
-    if not batch_normalize:
-        return summed
-    mean, std = global_mean_std(summed, parallel or ParallelContext())
-    return (summed - mean) / (std + epsilon)
+    flat = constant_groups(summed, index, num_groups).index_select(0, index)  # (N,) S constant in the group
+    if batch_normalize:
+        mean, std = global_mean_std(summed, parallel or ParallelContext())
+        summed = (summed - mean) / (std + epsilon)
+    return torch.where(flat, torch.zeros_like(summed), summed).float()
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class GDPO(Method):
         if components.shape[1] == 1 and self.config.single_reward == "grpo":
             advantages = group_normalize(batch.rewards.float(), batch.group_index, batch.num_groups, epsilon=eps)
         else:
+            if batch.reward_components is not None:
+                _refuse_dropped_shaping(batch, components, weights)
             advantages = gdpo_advantages(
                 components, weights, batch.group_index, batch.num_groups, batch.parallel, eps,
                 self.config.batch_normalize,
@@ -119,6 +126,27 @@ class GDPO(Method):
         distinct = _distinct_per_group(advantages, batch.group_index, batch.num_groups)
         self.log_metric("distinct_advantages_per_group", distinct)
         return advantages
+
+
+def _refuse_dropped_shaping(batch: GRPOBatch, components: torch.Tensor, weights: torch.Tensor) -> None:
+    """Raise when a ``shape_rewards`` method changed ``batch.rewards`` (``(N,)``) away from the weighted sum
+    of the ``(N, K)`` components GDPO reads: its shaping would be dropped without a word. A shaper that
+    writes its reward into ``reward_components`` / ``reward_weights`` (``mo_grpo``, ``s_grpo``) passes."""
+    shaped, trainer = batch.rewards, batch.unshaped_rewards
+    if trainer is None or torch.equal(shaped, trainer):
+        return
+    read = torch.nan_to_num(components.double(), nan=0.0) @ weights.double().to(components.device)
+    differs = ~torch.isclose(read, shaped.double(), rtol=1e-4, atol=1e-6)
+    if bool(differs.any()):
+        row = int(differs.nonzero()[0])
+        raise ValueError(
+            f"gdpo normalises the {components.shape[1]} reward component(s) {list(batch.reward_names)} with "
+            "reward_weights and never reads batch.rewards, but a shape_rewards method of this run changed the "
+            f"rewards away from the weighted sum of those components (row {row}: shaped reward "
+            f"{float(shaped[row]):.4g}, components give {float(read[row]):.4g}); its shaping would be dropped. "
+            "Run the shaping method without gdpo, or have it write its reward into batch.reward_components and "
+            "reward_weights (as mo_grpo and s_grpo do)"
+        )
 
 
 def _distinct_per_group(advantages: torch.Tensor, index: torch.Tensor, num_groups: int) -> float:

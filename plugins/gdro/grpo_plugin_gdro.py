@@ -3,13 +3,14 @@
 Group DRO-driven RL for LLM reasoning (Tencent, 2026; public code not found: the formulas below are
 inferred from the abstract, see the docs page). Each prompt ``x`` falls in a difficulty bin ``b(x)``
 by its latest pass rate ``p_x`` (edges ``[0, .2, .4, .6, .8, 1]``; a prompt never seen is in the
-hardest bin). Per observed step and bin ``g`` (bins as the prompts were sampled)::
+hardest bin); the pass rates are read from the trainer's rewards before any ``shape_rewards``
+(``batch.unshaped_rewards``). Per observed step and bin ``g`` (bins as the prompts were sampled)::
 
     l_g = mean over the bin's prompts of (1 - p_x)                       (this visit's pass rates)
     m_g <- (1 - a) m_g + a l_g,      mhat_g = m_g / (1 - (1 - a)^{n_g})     (n_g: updates of bin g)
     log w_g += eta mhat_g,           q = (1 - gamma) softmax(log w) + gamma / B
 
-Prompt-GDRO (``sample_prompts``) draws each prompt's bin from ``q`` (restricted to non-empty bins)
+Prompt-GDRO (``sample_prompts``) draws each prompt's bin from ``q`` (restricted to non-empty bins, in log space)
 and the prompt uniformly inside the bin (distinct prompts while the bin has enough). Rollout-GDRO
 (``allocate_rollouts``) minimises ``sum_g q_g sigma_g^2 / n_g`` under the round's budget, which gives
 the square-root rule ``n_x = clamp(sqrt(q_b sigma_b^2 / lambda), n_min, n_max)`` with
@@ -27,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import FINITE, NON_NEGATIVE, UNIT, GRPOBatch, Method, PromptRound, Range, hookimpl, option
+from grpo_plugins import FINITE, NON_NEGATIVE, UNIT, GRPOBatch, Method, Needs, PromptRound, Range, hookimpl, option
 from grpo_plugins.budgets import apportion, check_budget
 from grpo_plugins.ops import segment_count, segment_mean
 from grpo_plugins.prompt_table import PromptTable, group_outcomes, unit_outcomes
@@ -61,9 +62,20 @@ def hedge_update(
     return log_weights - log_weights.max(), ema, updates
 
 
-def bin_distribution(log_weights: torch.Tensor, mixing: float = 0.1) -> torch.Tensor:
-    """``q = (1 - gamma) softmax(log w) + gamma / B`` ``(B,)``."""
-    return (1 - mixing) * torch.softmax(log_weights, 0) + mixing / log_weights.numel()
+def bin_distribution(log_weights: torch.Tensor, mixing: float = 0.1, available: torch.Tensor | None = None) -> torch.Tensor:
+    """``q = (1 - gamma) softmax(log w) + gamma / B`` ``(B,)``; with ``available`` ``(B,)`` bool, ``q`` restricted
+    to those bins and renormalised.
+
+    Computed in log space (``log q = logaddexp(log(1 - gamma) + log_softmax(log w), log(gamma / B))``), so that
+    with ``gamma = 0`` a bin trailing the others by more than ~745 in log-weight keeps its share relative to
+    the other available bins instead of underflowing to 0.
+    """
+    b = log_weights.numel()
+    log_mix = torch.tensor([1.0 - mixing, mixing / b], dtype=torch.float64).log()
+    log_q = torch.logaddexp(log_mix[0] + torch.log_softmax(log_weights.double(), 0), log_mix[1])
+    if available is not None:
+        log_q = torch.where(available, log_q, float("-inf"))
+    return torch.softmax(log_q, 0)
 
 
 def draw_by_bins(bins: torch.Tensor, q: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
@@ -108,7 +120,9 @@ class GDROConfig:
     hedge_bins: Literal["all_seen", "observed"] = option(
         "all_seen",
         "Bins whose log-weight moves each step: every bin observed at least once, with its debiased EMA loss "
-        "('all_seen', visit frequency does not bias the weights), or only the bins of this step ('observed').",
+        "('all_seen', visit frequency does not bias the weights), or only the bins of this step ('observed', "
+        "the card's 'per step and observed bin g').",
+        paper="observed",
     )
     min_rollouts: int = option(2, "n_min: fewest rollouts of a prompt (Rollout-GDRO).", domain=Range(0, None))
     max_rollouts: int = option(32, "n_max: most rollouts of a prompt (Rollout-GDRO).", domain=Range(1, None))
@@ -147,6 +161,17 @@ class GDRO(Method):
         self.ema = torch.zeros(num_bins, dtype=torch.float64)
         self.updates = torch.zeros(num_bins, dtype=torch.long)
 
+    def needs(self) -> Needs:
+        """With Rollout-GDRO and ``min_rollouts < 2`` a prompt can get one rollout: the built-in ``grpo``
+        estimator, which needs >= 2 completions per group, is then excluded."""
+        c = self.config
+        if not c.use_rollout_gdro or c.min_rollouts >= 2:
+            return Needs()
+        return Needs(excludes={"grpo"}, why={"grpo": f"Rollout-GDRO with min_rollouts={c.min_rollouts} can give a "
+                                                     "prompt a single rollout, and grpo's group normalisation needs "
+                                                     ">= 2 completions per prompt (set min_rollouts >= 2, or use an "
+                                                     "estimator that accepts single completions)"})
+
     def disabled_hooks(self) -> set[str]:
         off = set()
         if not self.config.use_prompt_gdro:
@@ -172,7 +197,9 @@ class GDRO(Method):
     def sample_prompts(self, round: PromptRound, generator: torch.Generator) -> torch.Tensor:
         """``(P,)`` dataset indices: bins drawn from ``q``, prompts uniformly inside (Prompt-GDRO)."""
         bins = self.bins(torch.arange(round.dataset_size))
-        chosen = draw_by_bins(bins, self.distribution(), round.num_prompts, generator)
+        occupied = torch.bincount(bins, minlength=self.num_bins) > 0
+        q = bin_distribution(self.log_weights, self.config.mixing, occupied)  # over the non-empty bins
+        chosen = draw_by_bins(bins, q, round.num_prompts, generator)
         share = torch.bincount(bins[chosen], minlength=self.num_bins).double() / chosen.numel()
         self.log_metric("hardest_bin_share", share[0])
         return chosen
@@ -198,7 +225,8 @@ class GDRO(Method):
     def observe(self, batch: GRPOBatch) -> None:
         """Hedge step on the bins the batch's prompts were drawn from, then record their pass rates."""
         c = self.config
-        ids, passes, trials = group_outcomes(batch, unit_outcomes(batch.rewards, c.reward_range))
+        rewards = batch.rewards if batch.unshaped_rewards is None else batch.unshaped_rewards  # before any shaping
+        ids, passes, trials = group_outcomes(batch, unit_outcomes(rewards, c.reward_range))
         rate = (passes / trials).cpu()
         bins = self.bins(ids)  # as sampled: before this visit's pass rates are recorded
         losses = segment_mean(1 - rate, bins, self.num_bins)

@@ -12,7 +12,9 @@ responsiveness* (how far the policy's current rewards lag behind the demonstrati
 applied either to the reward, ``r'_i = s(x) r_i`` (``apply_to="reward"``, the paper's wording), or to
 the advantage, ``A'_i = s(x) A_i`` (``apply_to="advantage"``, the default). With mean-centred
 advantages (``A = r - mean``, Dr. GRPO) the two are identical; with GRPO's std normalisation a
-per-prompt factor on the reward cancels exactly, so only the advantage form keeps the paper's effect.
+per-prompt factor on the reward cancels exactly, so only the advantage form keeps the paper's effect. The
+reward form therefore refuses the built-in ``grpo`` estimator (a no-op under its default group std scaling,
+the advantage form under ``scale="none"``) and ``gdpo`` at start-up.
 
 The per-prompt inputs come from dataset columns (the encoder and the reward model run offline): the
 prompt's and the reference's embeddings (or a precomputed hardness) and the reference reward
@@ -33,10 +35,11 @@ from grpo_plugins.ops import segment_mean
 
 
 def first_of_group(index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """``(N,)`` the batch position of the first member of each completion's group."""
+    """``(G,)`` the batch position of the first member of each group (``index`` ``(N,)`` in ``[0, G)``, every
+    group non-empty)."""
     positions = torch.arange(index.numel(), device=index.device)
     first = torch.full((num_groups,), index.numel(), dtype=torch.long, device=index.device)
-    return first.scatter_reduce_(0, index, positions, reduce="amin").index_select(0, index)
+    return first.scatter_reduce_(0, index, positions, reduce="amin")
 
 
 def data_hardness(embeddings: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
@@ -126,14 +129,24 @@ class GRPOS(Method):
         )
 
     def needs(self) -> Needs:
-        """The dataset columns this config reads."""
+        """The dataset columns this config reads; with ``apply_to="reward"`` the estimators under which the
+        reward form is a no-op or a copy of the advantage form are refused."""
         c, columns = self.config, set()
         if c.hardness_weight > 0:
             embeddings = {c.embedding_column, c.reference_embedding_column}
             columns |= embeddings if c.data_hardness == "embeddings" else {c.hardness_column}
         if c.responsiveness_weight > 0:
             columns.add(c.reference_reward_column)
-        return Needs(columns=columns)
+        if c.apply_to != "reward":
+            return Needs(columns=columns)
+        return Needs(columns=columns, excludes={"grpo", "gdpo"}, why={
+            "grpo": "grpo_s apply_to='reward' with the built-in grpo estimator: under its group std scaling "
+                    "(scale='group', the default) the per-prompt factor s(x) cancels exactly, and under scale='none' "
+                    "the reward form equals apply_to='advantage'; set apply_to='advantage' (or pair the reward form "
+                    "with another advantage estimator)",
+            "gdpo": "grpo_s apply_to='reward': gdpo z-scores every reward within its group (the factor s(x) "
+                    "cancels) or reads the reward components (the scaled reward is dropped); set apply_to='advantage'",
+        })
 
     def requires(self) -> set[str]:
         """The dataset rows, which carry the per-prompt columns."""
@@ -187,21 +200,21 @@ class GRPOS(Method):
         return scale
 
     def _column(self, batch: GRPOBatch, column: str, setting: str, vector: bool = False) -> torch.Tensor:
-        """``(N,)`` (or ``(N, D)`` with ``vector``) values of a per-prompt dataset column, checked: present,
-        numeric, finite and equal within each prompt's group."""
+        """``(N,)`` (or ``(N, D)`` with ``vector``) values of a per-prompt dataset column, read from the first
+        row of each prompt's group (``G`` rows, not ``N``) and checked: present, numeric and finite."""
         if batch.rows is None:
             raise ValueError(
                 f"GRPO-S reads the per-prompt column {setting}='{column}', but the batch carries no dataset rows"
             )
-        missing = [i for i, row in enumerate(batch.rows) if column not in row]
+        rows = [batch.rows[i] for i in first_of_group(batch.group_index, batch.num_groups).tolist()]  # one per prompt
+        missing = [row for row in rows if column not in row]
         if missing:
-            have = sorted(batch.rows[missing[0]])
             raise ValueError(
-                f"{setting}='{column}' is not a column of the dataset (rows have {have}); add it to the training "
-                f"dataset, or set {setting} to the column that holds it"
+                f"{setting}='{column}' is not a column of the dataset (rows have {sorted(missing[0])}); add it to the "
+                f"training dataset, or set {setting} to the column that holds it"
             )
         try:
-            values = torch.tensor([row[column] for row in batch.rows], dtype=torch.float64)
+            values = torch.tensor([row[column] for row in rows], dtype=torch.float64)
         except (TypeError, ValueError) as error:
             shape = "a list of D floats per row" if vector else "one number per row"
             raise ValueError(f"{setting}='{column}' must hold {shape}: {error}") from error
@@ -210,8 +223,4 @@ class GRPOS(Method):
             raise ValueError(f"{setting}='{column}' must hold {kind} per row, got shape {tuple(values.shape)[1:]}")
         if not bool(torch.isfinite(values).all()):
             raise ValueError(f"{setting}='{column}' holds NaN or inf")
-        if not bool(values.eq(values[first_of_group(batch.group_index, batch.num_groups)]).all()):
-            raise ValueError(
-                f"{setting}='{column}' differs between completions of one prompt; it must be a per-prompt value"
-            )
-        return values.float()
+        return values.float().index_select(0, batch.group_index)

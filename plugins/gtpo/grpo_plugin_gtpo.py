@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import NON_NEGATIVE, GRPOBatch, LossInputs, Method, hookimpl, option
+from grpo_plugins import NON_NEGATIVE, GRPOBatch, LossInputs, Method, Needs, hookimpl, option
 from grpo_plugins import Example
 from grpo_plugins.ops import group_normalize, group_ranks, masked_mean, segment_count, segment_sum
 
@@ -355,6 +355,22 @@ class GTPO(Method):
         cfg = self.config
         return {"completion_ids"} | ({"old_log_probs"} if cfg.entropy_filter and cfg.entropy_source == "sampled" else set())
 
+    def needs(self) -> Needs:
+        """The loss-stage fields it reads: the policy's ``entropies`` and the ``row_data`` carrying
+        ``gtpo_advantage`` when the entropy rule may be deferred to the loss (``entropy_source`` 'policy',
+        or 'auto' on a trainer without old log-probs), ``row_data`` carrying ``gtpo_conflicts`` with
+        ``normalize_by_conflicts``."""
+        cfg, fields, why = self.config, set(), {}
+        if cfg.entropy_filter and cfg.entropy_source != "sampled":
+            fields |= {"entropies", "row_data"}
+            why["entropies"] = "the entropy rule with the policy's entropy (entropy_source='policy' or 'auto')"
+            why["row_data"] = "each completion's advantage before the entropy rule, carried to the loss"
+        if cfg.normalize_by_conflicts:
+            fields.add("row_data")
+            why["row_data"] = "; ".join(filter(None, (why.get("row_data"), "each completion's conflict-token count "
+                                                                            "(normalize_by_conflicts)")))
+        return Needs(loss_fields=fields, why=why)
+
     def disabled_hooks(self) -> set[str]:
         cfg, off = self.config, set()
         if not cfg.own_advantages:
@@ -432,6 +448,10 @@ class GTPO(Method):
         """
         advantages = inputs.advantages
         deferred = inputs.row_data.get("gtpo_advantage")
+        if deferred is None and self.config.entropy_filter and self.config.entropy_source == "policy":
+            raise ValueError("gtpo's entropy_source='policy' applies the entropy rule in the loss from "
+                             "row_data['gtpo_advantage'], which is missing: the adapter must carry row_data from the "
+                             "advantage stage to the loss (or set entropy_source='sampled')")
         if deferred is not None:
             if inputs.entropies is None:
                 raise ValueError("gtpo's entropy_source='policy' needs LossInputs.entropies; the adapter gave none")

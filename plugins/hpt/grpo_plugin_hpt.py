@@ -54,9 +54,13 @@ def prompt_modes(correct: torch.Tensor, gate: int, band: int) -> torch.Tensor:
 
 
 def correct_counts(batch: GRPOBatch, threshold: float) -> torch.Tensor:
-    """``(G,)`` correct generated rollouts per group (reward >= ``threshold``); injected rows do not count."""
-    generated = ~injected_rows(batch.row_data, batch.rewards)
-    correct = (batch.rewards >= threshold) & generated
+    """``(G,)`` correct generated rollouts per group (reward >= ``threshold``); injected rows do not count.
+
+    The rewards are the trainer's, before any ``shape_rewards`` (``batch.unshaped_rewards`` in the advantage
+    stage; ``batch.rewards`` before it, in ``inject_rows``), so both hooks decide the same modes."""
+    rewards = batch.rewards if batch.unshaped_rewards is None else batch.unshaped_rewards
+    generated = ~injected_rows(batch.row_data, rewards)
+    correct = (rewards >= threshold) & generated
     return segment_sum(correct.long(), batch.group_index, batch.num_groups)
 
 

@@ -210,6 +210,14 @@ class InfoConsistentConfig:
     target_units: int = option(5, "Units that make a complete answer (helpfulness='unit_count').", domain=Range(1))
     helpfulness_weight: float = option(1.0, "lambda_h.", domain=NON_NEGATIVE)
     stability_weight: float = option(1.0, "lambda_s.", domain=NON_NEGATIVE)
+    trainer_reward: Literal["error", "add", "ignore"] = option(
+        "error",
+        "With helpfulness 'coverage' or 'unit_count' (which do not read the incoming reward: the trainer's reward "
+        "functions, after any earlier shape_rewards): 'error' refuses a batch whose incoming reward is not all 0 "
+        "(it would be discarded), 'add' adds it to R, 'ignore' drops it (the card's R). Must stay 'error' with "
+        "helpfulness='reward', where the incoming reward is r_help.",
+        paper="ignore",
+    )
 
     def __post_init__(self):
         try:
@@ -218,6 +226,9 @@ class InfoConsistentConfig:
             raise ValueError(f"unit_pattern is not a regular expression: {error}") from error
         if self.helpfulness_weight == 0 and self.stability_weight == 0:
             raise ValueError("helpfulness_weight and stability_weight are both 0: every reward would be 0")
+        if self.helpfulness == "reward" and self.trainer_reward != "error":
+            raise ValueError(f"trainer_reward='{self.trainer_reward}' has no meaning with helpfulness='reward', where "
+                             "the trainer's reward is r_help; leave trainer_reward at 'error'")
 
 
 # --------------------------------------------------------------------------------------------- method
@@ -238,11 +249,14 @@ class InfoConsistent(Method):
             completions=("apples, pears", "pears; plums", "apples", "figs, apples, plums", ""),
             dataset_size=33,
             rollouts_per_prompt=3,
+            config={"trainer_reward": "add"},  # the suite's rewards are not 0: add them to R
         )
 
     def needs(self) -> Needs:
-        """The dataset columns this config reads."""
-        return Needs(columns=self.required_columns(), batch_fields={"rows"} if self.config.helpfulness == "coverage" else set())
+        """The dataset columns this config reads; ``gdpo`` is refused (it would drop the shaped reward)."""
+        return Needs(columns=self.required_columns(), batch_fields={"rows"} if self.config.helpfulness == "coverage" else set(),
+                     excludes={"gdpo"}, why={"gdpo": "gdpo normalises the trainer's reward components and never reads "
+                                                     "info_consistent's shaped reward R = lambda_h r_help + lambda_s r_stab"})
 
     def __init__(self, config: InfoConsistentConfig | None = None):
         super().__init__(config)
@@ -340,6 +354,20 @@ class InfoConsistent(Method):
         relevant_rows, relevant_units = pairs_of(relevant, vocabulary)
         return coverage(rows, units, relevant_rows, relevant_units, n)
 
+    def _incoming(self, rewards: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` what R adds of the incoming reward under ``trainer_reward`` (helpfulness not 'reward')."""
+        policy, c = self.config.trainer_reward, self.config
+        if policy == "add":
+            return rewards.detach().cpu()
+        if policy == "error" and bool((rewards != 0).any()):
+            raise ValueError(
+                f"info_consistent with helpfulness='{c.helpfulness}' builds R = lambda_h r_help + lambda_s r_stab and "
+                f"does not read the incoming reward (the trainer's reward functions, after earlier shape_rewards), "
+                f"which is not 0 here (e.g. {float(rewards[rewards != 0][0]):.4g}): set trainer_reward='add' to add it "
+                "to R, 'ignore' to drop it (the card's R), or helpfulness='reward' to use it as r_help"
+            )
+        return torch.zeros(rewards.shape, dtype=torch.float64)
+
     @hookimpl
     def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
         """``(N,)`` ``R = lambda_h r_help + lambda_s r_stab`` within each request's group."""
@@ -352,6 +380,8 @@ class InfoConsistent(Method):
         stability = rule(rows, units, index, batch.num_groups)
         helpfulness = self._helpfulness(batch, rewards, rows, units, vocabulary)
         shaped = c.helpfulness_weight * helpfulness + c.stability_weight * stability
+        if c.helpfulness != "reward":
+            shaped = shaped + self._incoming(rewards).double()
         self.log_metric("stability_reward_mean", stability.mean())
         self.log_metric("helpfulness_mean", helpfulness.mean())
         self.log_metric("group_instability_mean", group_instability(rows, units, index, batch.num_groups).mean())

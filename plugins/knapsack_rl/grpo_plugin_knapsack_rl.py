@@ -353,9 +353,13 @@ class KnapsackRL(Method):
 
     @hookimpl
     def observe(self, batch: GRPOBatch) -> None:
-        """Add each group's rewards to its prompt's history and refresh its success-rate estimate."""
+        """Add each group's rewards to its prompt's history and refresh its success-rate estimate.
+
+        The rewards are the trainer's, before any ``shape_rewards`` (``batch.unshaped_rewards``): the card's
+        per-completion binary rewards, not a shaper's output."""
         low, high = self.config.reward_range
-        success = (batch.rewards.double() - low) / (high - low)
+        rewards = batch.rewards if batch.unshaped_rewards is None else batch.unshaped_rewards
+        success = (rewards.double() - low) / (high - low)
         if not bool(torch.isfinite(success).all()):
             raise ValueError("rewards contain NaN/inf; the success-rate estimates cannot be updated")
         success = success.clamp(0, 1)

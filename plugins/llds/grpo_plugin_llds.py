@@ -153,8 +153,11 @@ class LLDS(Method):
         return {"loss_terms"} if self.config.normaliser == "token" else {"loss_objectives"}
 
     def needs(self) -> Needs:
-        return Needs(why={"loss_normalisers": "its token-mean term (normaliser='policy' aggregates it like the "
-                          "policy loss instead)"})
+        why = {"loss_normalisers": "its token-mean term (normaliser='policy' aggregates it like the policy loss instead)"}
+        if self.config.answer_coef is None:
+            return Needs(why=why)
+        return Needs(loss_fields={"row_data"}, why={**why, "row_data": "answer_coef reads row_data['answer_span'], "
+                                                                        "which another method attaches"})
 
     @hookimpl
     def loss_objectives(self, inputs: LossInputs) -> dict[str, LossTerm]:
@@ -172,8 +175,14 @@ class LLDS(Method):
             weight = active * cfg.coef
         else:
             span = inputs.row_data.get("answer_span")
-            if span is None:
-                raise ValueError("llds: answer_coef is set but row_data['answer_span'] (B, T) is missing")
+            if span is None or tuple(span.shape) != tuple(inputs.log_probs.shape):
+                got = "missing" if span is None else f"of shape {tuple(span.shape)}"
+                raise ValueError(
+                    f"llds: answer_coef={cfg.answer_coef} needs row_data['answer_span'] {tuple(inputs.log_probs.shape)}, "
+                    f"1 on answer tokens, but it is {got}. Another enabled method must attach it at the advantage "
+                    "stage (GRPOBatch.row_data['answer_span'], (N, T); no method of this project does), and the "
+                    "adapter carries it to the loss; or leave answer_coef=None"
+                )
             low, coef = active.new_tensor(min(cfg.answer_coef, cfg.coef)), active.new_tensor(cfg.coef)
             weight = active * torch.where(span.to(torch.bool), low, coef)
         self.log_metric("frac_gated_actions", gated / actions.clamp(min=1))

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
+from grpo_plugins import FINITE, NON_NEGATIVE, GRPOBatch, Method, Needs, ParallelContext, hookimpl, option
 from grpo_plugins.rewards import OtherRewards, other_rewards_sum
 
 
@@ -108,6 +108,11 @@ class MOGRPO(Method):
     name = "mo_grpo"
     Config = MOGRPOConfig
     paper = "https://arxiv.org/abs/2503.21819"
+    plugin_api = ">=1.3,<2"  # Needs.runs_first
+
+    def needs(self) -> Needs:
+        return Needs(runs_first={"shape_rewards"},
+                     why={"shape_rewards": "it rebuilds the reward from reward_components, so an earlier shaping would be lost"})
 
     def _aspect_columns(self, batch: GRPOBatch) -> list[int]:
         """Indices of the aspect components; a clear error for a missing name or a weight-count mismatch."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo_plugins import NON_NEGATIVE, GRPOBatch, Method, Range, hookimpl, option
-from grpo_plugins import Example
+from grpo_plugins import Example, Needs
 from grpo_plugins.rewards import OtherRewards, named_component, other_rewards_sum
 
 
@@ -112,6 +112,7 @@ class MultiRole(Method):
     name = "multirole"
     Config = MultiRoleConfig
     paper = "https://arxiv.org/abs/2507.20187"
+    plugin_api = ">=1.3,<2"  # Needs.runs_first
 
     @classmethod
     def example(cls) -> Example:
@@ -120,6 +121,10 @@ class MultiRole(Method):
 
     def requires(self) -> set[str]:
         return {"completion_ids", "completion_mask"}
+
+    def needs(self) -> Needs:
+        return Needs(runs_first={"shape_rewards"},
+                     why={"shape_rewards": "it rebuilds the reward from reward_components, so an earlier shaping would be lost"})
 
     @hookimpl
     def shape_rewards(self, batch: GRPOBatch) -> torch.Tensor:

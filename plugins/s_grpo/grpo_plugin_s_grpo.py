@@ -129,6 +129,7 @@ class SGRPO(Method):
     name = "s_grpo"
     Config = SGRPOConfig
     paper = "https://arxiv.org/abs/2506.04614"
+    plugin_api = ">=1.3,<2"  # Needs.runs_first
 
     @classmethod
     def example(cls) -> Example:
@@ -139,8 +140,9 @@ class SGRPO(Method):
         )
 
     def needs(self) -> Needs:
-        """The dataset columns this config reads."""
-        return Needs(columns={self.config.label_column} - {""})
+        """The dataset columns this config reads; s_grpo runs first among the reward shapers."""
+        return Needs(columns={self.config.label_column} - {""}, runs_first={"shape_rewards"},
+                     why={"shape_rewards": "it rebuilds the reward from reward_components, so an earlier shaping would be lost"})
 
     def requires(self) -> set[str]:
         return {"rows"} if self.config.label_column else set()

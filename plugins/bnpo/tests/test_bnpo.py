@@ -169,6 +169,22 @@ def test_advantage_decomposition_averages_per_component_advantages():
     assert a_fmt[0].item() == pytest.approx(0.5 / beta_pdf_by_hand(0.5, a, b), abs=1e-5)
 
 
+def test_decomposition_leaves_a_component_that_did_not_apply_out():
+    nan = float("nan")
+    # one group: r1 applies to rows 2, 3 only ([1, 0]: p = .5) and r2 = [1, 1, 0, 0] (p = .5); one prompt, so
+    # m = 0, v = 1 and the weight is 1. A^(1) = [0, 0, .5, -.5] (rows 0, 1 get no r1 term, not s - p = -.25),
+    # A^(2) = [.5, .5, -.5, -.5]; averaged: [.25, .25, 0, -.5]
+    batch = batch_of([1, 1, 1, 0], [0] * 4, components=[[nan, 1], [nan, 1], [1, 0], [0, 0]])
+    assert advantages([{"bnpo": {"decompose": True}}], batch).tolist() == [0.25, 0.25, 0.0, -0.5]
+    # r1 applies to groups 0 and 1 only (the card's [1,0,0,0] and [1,1,1,0]): group 2 has no rate and stays out of
+    # the Beta fit, so r1 keeps the card's alpha = beta = 7/6; r2 = 1 everywhere gives 0. A = A^(1) / 2
+    r1 = [1, 0, 0, 0, 1, 1, 1, 0, nan, nan]
+    batch = batch_of([1] * 10, [0] * 4 + [1] * 4 + [2] * 2, components=[[r, 1] for r in r1])
+    card = [0.717, -0.239, -0.239, -0.239, 0.239, 0.239, 0.239, -0.717]
+    adv = advantages([{"bnpo": {"decompose": True}}], batch)
+    assert adv.tolist() == pytest.approx([a / 2 for a in card] + [0.0, 0.0], abs=1e-3)
+
+
 def test_metrics_log_alpha_beta():
     comp = Composition(["bnpo"])
     comp.run_advantage_stage(batch_of([1, 0, 0, 0, 1, 1, 1, 0], [0] * 4 + [1] * 4))

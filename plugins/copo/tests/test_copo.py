@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from grpo_plugins import Composition, GRPOBatch
 from grpo_plugins.errors import BatchError, CompositionError, ConfigError, PluginError
@@ -146,3 +149,42 @@ def test_nan_rewards_are_refused_and_metrics_logged():
     assert 0 < metrics["plugins/copo/mean_local_weight"] < 1
     # c = (1, 0, .5): prompt 2 sits at the batch mean, so its reward-0 completion (global only) gets 0
     assert metrics["plugins/copo/frac_zero_advantage"] == pytest.approx(1 / 6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flat_batch_test_is_global_across_two_gloo_ranks(tmp_path, monkeypatch):
+    # four constant groups (local 0, H = 0 so w = sigmoid(5 (0 - 1))): c = [.6, .6] on rank 0, [.25, .75] on
+    # rank 1. Globally c has mean .55 and unbiased std sqrt(.135 / 3), so rank 0's prompts are not "all equal":
+    # A_glob = [.05, .05, -.3, .2] / .212132 = [.2357, .2357, -1.4142, .9428] on both ranks together.
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from copo_gloo_rank import rank_main  # importable by the spawned processes
+
+    shards = [
+        (torch.tensor([0, 0, 1, 1]), torch.tensor([0.6, 0.6, 0.6, 0.6], dtype=torch.float64)),
+        (torch.tensor([2, 2, 3, 3]), torch.tensor([0.25, 0.25, 0.75, 0.75], dtype=torch.float64)),
+    ]
+    mp.spawn(rank_main, args=(2, _free_port(), shards, str(tmp_path)), nprocs=2, join=True)
+    got = torch.cat([torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)])
+    glob = [0.05 / math.sqrt(0.045)] * 2 + [-0.3 / math.sqrt(0.045), 0.2 / math.sqrt(0.045)]
+    expected = [(1 - sigmoid(-5.0)) * g for g in glob for _ in range(2)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+    whole = advantages(["copo"], GRPOBatch(prompt_ids=torch.cat([s[0] for s in shards]),
+                                           rewards=torch.cat([s[1] for s in shards])))
+    torch.testing.assert_close(got, whole)
+
+
+def test_float64_rewards_keep_their_precision():
+    # rewards 1e6 and 1e6 + .01 differ below float32's precision (its step at 1e6 is .0625): a float32 copy
+    # makes the group constant (A = 0). Kept in float64: local = +-.005 / (std + 1e-6) = +-.8659, H = 1 bit
+    # so w = sigmoid(0) = .5, one prompt so A_glob = 0: A = +-.4329, the built-in GRPO's +-.8659 halved.
+    rewards = torch.tensor([1e6, 1e6 + 0.01, 1e6, 1e6 + 0.01], dtype=torch.float64)
+    adv = Composition(["copo"]).run_advantage_stage(GRPOBatch(prompt_ids=torch.zeros(4, dtype=torch.long),
+                                                              rewards=rewards)).advantages
+    assert adv.dtype == torch.float64
+    half = 0.5 * 0.005 / (math.sqrt(0.01**2 / 3) + 1e-6)
+    assert adv.tolist() == pytest.approx([-half, half, -half, half], abs=1e-6)

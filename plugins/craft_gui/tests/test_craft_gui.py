@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grpo_plugins import BatchError, Composition, CompositionError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins import BatchError, Composition, CompositionError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
 from grpo_plugins.registry import resolve
 from grpo_plugins.testing import make_batch
 from grpo_plugin_craft_gui import curriculum_draw, difficulty_bins, hybrid_reward, next_stage
@@ -146,6 +146,30 @@ def test_missing_reward_component_is_a_clear_error_at_the_first_batch():
     observing = Composition([{"craft_gui": {"success_component": "judge"}}])
     with pytest.raises(PluginError, match=r"craft_gui.*\['judge'\]"):
         observing.run_observe(batch, step=1)
+
+
+class BonusOnRowOne(Method):
+    """A shaper that adds 5 to the second completion's reward."""
+
+    name = "bonus_on_row_one"
+
+    @hookimpl
+    def shape_rewards(self, batch, rewards):
+        return rewards + torch.tensor([0.0, 5.0, 0.0, 0.0], dtype=rewards.dtype)
+
+
+def test_a_shaper_listed_before_craft_gui_is_refused_and_one_after_it_composes():
+    # components as in the worked example: R = [1.0, .6, .6, 0]; the trainer's own rewards are [0, 0, 0, 0]
+    components = [[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 0.5, 0], [0, 0, 0, float("nan")]]
+    config = {"craft_gui": {"reward_components": list(NAMES), "reward_weights": list(WEIGHTS)}}
+    # listed before: its +5 on row 1 would be overwritten by R, so the run is refused at start-up, naming both
+    with pytest.raises(CompositionError, match=r"'craft_gui' must run first among the methods implementing hook "
+                                               r"'shape_rewards'.*but method 'bonus_on_row_one' is listed before it"):
+        Composition([BonusOnRowOne(), config])
+    # listed after: it shapes craft_gui's R, R + [0, 5, 0, 0] = [1, 5.6, .6, 0]
+    batch = batch_of([7, 7, 7, 7], [0.0] * 4, components, NAMES)
+    Composition([config, BonusOnRowOne()]).run_advantage_stage(batch)
+    torch.testing.assert_close(batch.rewards, torch.tensor([1.0, 5.6, 0.6, 0.0]))
 
 
 @pytest.mark.parametrize(

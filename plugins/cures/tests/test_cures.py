@@ -58,6 +58,23 @@ def test_unknown_prompts_get_the_probe_and_settled_ones_nothing():
     assert cures_allocation(torch.tensor([0.5, 0.01]), torch.ones(2, dtype=torch.bool), 20, max_rollouts=12).tolist() == [12, 8]
 
 
+def test_what_full_mixed_prompts_leave_never_makes_a_group_of_one():
+    # max_rollouts 4, counts (2,4), (4,4), (0,4), (4,4): p = [.5, 1, 0, 1], only prompt 0 is mixed; budget 8.
+    # Prompt 0 at the cap takes 4 and nobody else is in the round (settled_rollouts 0): the cap yields, so
+    # prompt 0 takes all 8 and the settled prompts stay dropped (not [4, 2, 1, 1] with two groups of one).
+    composition = Composition([{"cures": {"max_rollouts": 4}}])
+    ids = torch.arange(4)
+    composition.method("cures").set_counts(ids, torch.tensor([2.0, 4.0, 0.0, 4.0]), torch.full((4,), 4.0))
+    assert composition.rollout_counts(plan(4, 8, 4), ids).tolist() == [8, 0, 0, 0]
+    known = torch.ones(3, dtype=torch.bool)
+    # settled_rollouts 2, cap 4, budget 12: the mixed prompt is full at 4, the settled ones take the rest up to 4
+    assert cures_allocation(torch.tensor([0.5, 1.0, 1.0]), known, 12, settled_rollouts=2, max_rollouts=4).tolist() == [4, 4, 4]
+    # budget 14: every prompt of the round is at the cap, which yields for the mixed prompt (by sigma): 4 + 2
+    assert cures_allocation(torch.tensor([0.5, 1.0, 1.0]), known, 14, settled_rollouts=2, max_rollouts=4).tolist() == [6, 4, 4]
+    # a probed prompt (no estimate: 4 = min(probe 4, 12 // 2)) takes what the full mixed prompt leaves, up to the cap
+    assert cures_allocation(torch.tensor([0.5, 0.0]), torch.tensor([True, False]), 12, max_rollouts=6).tolist() == [6, 6]
+
+
 def test_observe_counts_accepted_above_threshold_and_refuses_nan():
     composition = Composition([{"cures": {"threshold": 0.5}}])
     batch = GRPOBatch(prompt_ids=torch.tensor([4, 4, 4, 9, 9]), rewards=torch.tensor([0.9, 0.5, 0.2, 1.0, 0.7]))
@@ -95,6 +112,11 @@ def test_config_domains_and_conflicts():
         Composition([{"cures": {"temperature": 0.0}}])
     with pytest.raises(ConfigError, match="max_rollouts"):
         Composition([{"cures": {"max_rollouts": 1}}])
+    # one rollout would be a group of one, which GRPO cannot normalise: 0 or at least 2
+    for name in ("min_rollouts", "settled_rollouts", "probe_rollouts"):
+        with pytest.raises(ConfigError, match=f"cures.*{name}"):
+            Composition([{"cures": {name: 1}}])
+    Composition([{"cures": {"min_rollouts": 0, "settled_rollouts": 2}}])  # 0 and 2 are accepted
     composition = Composition([{"cures": {"min_rollouts": 8}}])
     composition.method("cures").set_counts(torch.tensor([0, 1, 2]), torch.tensor([2.0, 1.0, 3.0]), torch.tensor([4.0, 4.0, 4.0]))
     with pytest.raises(PluginError, match="cures.*minimum"):

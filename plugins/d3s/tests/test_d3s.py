@@ -1,5 +1,7 @@
 """D3S on the core alone: the card's worked examples, the schedule, edge cases and the property against GRPO."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -98,3 +100,17 @@ def test_property_drops_completions_grpo_keeps():
 def test_verl_is_refused():
     with pytest.raises(CompositionError, match="old_entropies"):
         Composition(["d3s"]).check_capabilities(TrainerCapabilities.standard("verl"))
+
+
+def test_renormalise_needs_a_token_mean_loss():
+    # n_real / n_kept is the mean over kept tokens only when the loss divides by the batch's token count;
+    # under TRL's loss_type 'grpo' (sequence mean) it would be a plain rescale, so the pairing is refused
+    def trl(aggregation):
+        capabilities = TrainerCapabilities.standard("TRL GRPOTrainer", settings={"loss_aggregation": aggregation},
+                                                    setting_names={"loss_aggregation": "loss_type"})
+        return dataclasses.replace(capabilities, batch_fields=capabilities.batch_fields | {"old_entropies"})
+
+    with pytest.raises(CompositionError, match=r"d3s.*loss_type = .sequence_mean.*loss_aggregation.*renormalise"):
+        Composition(["d3s"]).check_capabilities(trl("sequence_mean"))
+    Composition(["d3s"]).check_capabilities(trl("token_mean"))
+    Composition([{"d3s": {"renormalise": False}}]).check_capabilities(trl("sequence_mean"))

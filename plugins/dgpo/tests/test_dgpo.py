@@ -122,6 +122,17 @@ def test_constant_groups_give_exactly_zero_at_any_scale():
     assert advantages(["dgpo"], batch_of([1, 1, 0, 0], [0, 0, 1, 1])).tolist() == [0.0] * 4
 
 
+def test_float64_rewards_keep_their_precision():
+    # 1e6 and 1e6 + .01 differ below float32's precision (its step at 1e6 is .0625): a float32 copy makes the
+    # group constant (A = 0). In float64: G (r - mean) / (sum |r - mean| + eps) = 4 (+-.005) / (.02 + 1e-4)
+    batch = batch_of([0.0] * 4, [0] * 4)
+    batch.rewards = torch.tensor([1e6, 1e6 + 0.01, 1e6, 1e6 + 0.01], dtype=torch.float64)
+    adv = advantages([{"dgpo": {"difficulty_weighting": False}}], batch)
+    assert adv.dtype == torch.float64
+    expected = 0.02 / 0.0201
+    assert adv.tolist() == pytest.approx([-expected, expected, -expected, expected], abs=1e-6)
+
+
 def test_groups_of_one_and_uneven_groups_shuffled():
     # group 5: [1, 0, 0] (acc 1/3), group 9: [1] alone (constant -> 0), group 7: [0, 1] (acc 1/2)
     rewards = [1, 0, 0, 1, 0, 1]

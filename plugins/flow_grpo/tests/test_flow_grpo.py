@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, GRPOBatch, LossInputs, Steps, TrainerCapabilities
+from grpo_plugins import Composition, GRPOBatch, LossInputs, Method, Steps, TrainerCapabilities, hookimpl
 from grpo_plugins.aggregation import aggregate_policy_loss
 from grpo_plugins.errors import PluginError
 
@@ -166,14 +166,36 @@ def test_one_step_trajectories_are_plain_grpo():
     assert step_values(batch) == pytest.approx(rows.advantages.tolist(), rel=1e-6)
 
 
-def test_step_rewards_add_up_to_the_return_and_unknown_keys_change_nothing():
-    """Step rewards (0.5, NaN) and (NaN): returns 0.5 + outcome on the last step = 1.5, and 0."""
-    batch = batch_of([[1, 1], [2]], [1.0, 0.0], [2, 2], step_rewards=[[0.5, float("nan")], [float("nan")]])
+def test_step_rewards_are_ignored_the_outcome_is_copied_to_every_turn():
+    """The card: one final reward per trajectory. Outcomes [1, 0, 0] with explicit zero step rewards: mean 1/3,
+    std sqrt(1/3) -> A = (2/3) / sqrt(1/3) = 1.1547 and -0.5774 (the step rewards once replaced the outcome)."""
+    zeros = batch_of([[1], [1], [1]], [1.0, 0.0, 0.0], [2, 2, 2], step_rewards=[[0.0], [0.0], [0.0]])
+    advantages(zeros)
+    assert step_values(zeros) == pytest.approx([1.1547, -0.57735, -0.57735], abs=1e-4)
+    # step rewards (.5, .5) with outcome 1 and (3) with outcome 0: the outcomes alone decide, R = [1, 0]
+    batch = batch_of([[1, 1], [2]], [1.0, 0.0], [2, 2], step_rewards=[[0.5, 0.5], [3.0]])
     advantages(batch, normalization="mean")
-    assert step_values(batch) == [0.75, 0.75, -0.75]
+    assert step_values(batch) == [0.5, 0.5, -0.5]
     keyed = batch_of([[1, 1], [2]], [1.0, 0.0], [2, 2], keys=[[4, 5], [4]])
     unknown = batch_of([[1, 1], [2]], [1.0, 0.0], [2, 2])
     assert torch.equal(advantages(keyed), advantages(unknown))
+
+
+class AddTwoToTheFirstRow(Method):
+    """A reward shaper for the test: +2 on row 0."""
+
+    name = "add_two_to_the_first_row"
+
+    @hookimpl
+    def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
+        return rewards + torch.nn.functional.one_hot(torch.tensor(0), rewards.numel()).to(rewards.dtype) * 2
+
+
+def test_shaped_rewards_are_the_outcome_even_with_step_rewards():
+    """Outcomes [1, 0] shaped to [3, 0] (step rewards given): mean-centred A = [1.5, 1.5, -1.5]."""
+    batch = batch_of([[1, 1], [2]], [1.0, 0.0], [2, 2], step_rewards=[[0.0, 0.0], [0.0]])
+    Composition([AddTwoToTheFirstRow(), {"flow_grpo": {"normalization": "mean"}}]).run_advantage_stage(batch)
+    assert step_values(batch) == [1.5, 1.5, -1.5]
 
 
 def test_padding_gets_zero_and_nan_there_is_ignored():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_plugins import Composition, GRPOBatch
+from grpo_plugins import Composition, CompositionError, GRPOBatch, Method, hookimpl
 from grpo_plugins.errors import BatchError, ConfigError, PluginError
 from grpo_plugin_gcpo import GCPO, GCPOConfig, contrastive_mask
 
@@ -181,3 +181,29 @@ def test_config_domains_and_names():
     with pytest.raises(ConfigError, match="aux_reward"):
         Composition([{"gcpo": {"aux_reward": ""}}])
     assert GCPOConfig(aux_reward="", aux_mode="none").aux_mode == "none"
+
+
+def test_gdpo_is_refused_at_start_up():
+    """GDPO would drop the shaped reward (contrastive mask, length reward): the run is refused, naming both."""
+    from grpo_plugins.needs import relation_problems
+
+    problems = relation_problems({"gcpo": GCPO().needs()}, ["gcpo", "gdpo"])
+    assert len(problems) == 1
+    assert "method 'gcpo' cannot run together with method 'gdpo'" in problems[0] and "shaped reward" in problems[0]
+    assert relation_problems({"gcpo": GCPO().needs()}, ["gcpo", "grpo"]) == []
+
+
+class EarlierShaper(Method):
+    name = "earlier_shaper"
+
+    @hookimpl
+    def shape_rewards(self, rewards):
+        return rewards + 1
+
+
+def test_a_reward_shaper_listed_before_it_is_refused_at_start_up():
+    """It rebuilds the reward from the components: an earlier shaping would be lost (Needs.runs_first)."""
+    with pytest.raises(CompositionError, match=r"'gcpo' must run first among the methods implementing hook "
+                                               r"'shape_rewards'.*method 'earlier_shaper' is listed before it"):
+        Composition([EarlierShaper(), "gcpo"])
+    assert Composition(["gcpo", EarlierShaper()]).providers("shape_rewards") == ["gcpo", "earlier_shaper"]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, GRPOBatch
+from grpo_plugins import Composition, GRPOBatch, Method, hookimpl
 from grpo_plugins.errors import BatchError, PluginError
 
 CARD_COMPONENTS = [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]]  # (correct, format), G = 4
@@ -111,3 +111,62 @@ def test_metrics_and_stateless_round_trip(tmp_path):
     assert comp.state_dict() == {}
     comp.save(tmp_path / "state.pt")
     comp.load(tmp_path / "state.pt")
+
+
+def test_constant_groups_are_exactly_zero_after_the_batch_step():
+    """A group constant in every component gets exactly 0, though the float mean of S once moved it (-5e-8).
+
+    Groups: the card's (S = [0.634, 0.366, 0.366, -1.366]), (1, 1) x 3 (S = 0) and correctness [1, 0, 0],
+    format [0, 0, 1] (each (2/3, -1/3, -1/3) / sqrt(1/3), reordered: S = [0.577, -1.155, 0.577]); A = S / std(S)
+    (mean 0), each group z-score with its epsilon 1e-4."""
+    components = CARD_COMPONENTS + [[1.0, 1.0]] * 3 + [[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
+    a = advantages(["gdpo"], batch_of(components, [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]))
+    assert a[4:7].tolist() == [0.0, 0.0, 0.0]
+    h, r = math.sqrt(3) / 2, math.sqrt(1 / 3)  # card: correctness std 0.5, format std sqrt(1/3)
+    f1, f2 = 0.5 / (0.5 + 1e-4), r / (r + 1e-4)
+    card = [1.5 * f1 - h * f2, -0.5 * f1 + h * f2, -0.5 * f1 + h * f2, -0.5 * f1 - h * f2]
+    third = [x / (r + 1e-4) for x in (1 / 3, -2 / 3, 1 / 3)]
+    s = card + [0.0] * 3 + third
+    std = math.sqrt(sum(x * x for x in s) / (len(s) - 1))
+    assert a[:4].tolist() + a[7:].tolist() == pytest.approx([x / (std + 1e-4) for x in card + third], abs=1e-5)
+
+
+def test_constant_groups_are_exactly_zero_at_a_large_reward_scale():
+    """Component 0 near 1e6 in float32 (the residue of its group mean once gave the constant group -0.07)."""
+    batch = batch_of([[1e6 + 0.1, 0.0], [1e6 + 0.2, 1.0], [1e6 + 0.7, 0.0], [5.0, 5.0], [5.0, 5.0]], [0, 0, 0, 1, 1])
+    a = advantages(["gdpo"], batch)
+    assert a[3:].tolist() == [0.0, 0.0]
+    assert a[:3].sum().item() == pytest.approx(0.0, abs=1e-5)
+
+
+class AddOneToTheFirstRow(Method):
+    """A reward shaper for the tests: +1 on row 0 of batch.rewards only."""
+
+    name = "add_one_to_the_first_row"
+
+    @hookimpl
+    def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
+        return rewards + (torch.arange(rewards.numel()) == 0).to(rewards.dtype)
+
+
+class DoubleTheWeights(Method):
+    """A shaper that writes what it does where GDPO reads it: rewards and reward_weights doubled."""
+
+    name = "double_the_weights"
+
+    @hookimpl
+    def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
+        batch.reward_weights = batch.reward_weights * 2
+        return rewards * 2
+
+
+def test_a_shaping_gdpo_would_drop_is_refused():
+    with pytest.raises(PluginError, match=r"gdpo.*never reads batch.rewards.*shape_rewards.*row 0: shaped reward 2, "
+                                          r"components give 1"):
+        advantages([AddOneToTheFirstRow(), "gdpo"], batch_of(CARD_COMPONENTS, [1, 1, 1, 1]))
+    # one component: gdpo falls back to GRPO on the shaped reward, so the shaping is kept: (1, 0, 0, 0) + 1 on row 0
+    a = advantages([AddOneToTheFirstRow(), "gdpo"], batch_of([[1.0], [0.0], [0.0], [0.0]], [1, 1, 1, 1]))
+    assert a.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-3)
+    # a shaper that writes its reward into reward_weights passes: doubled weights, same z-scores
+    doubled = advantages([DoubleTheWeights(), "gdpo"], batch_of(CARD_COMPONENTS, [1, 1, 1, 1]))
+    assert doubled.tolist() == pytest.approx([0.689, 0.398, 0.398, -1.486], abs=1e-3)

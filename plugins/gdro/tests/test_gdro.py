@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins import Composition, CompositionError, ConfigError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
 from grpo_plugins.testing import FirstPrompts, resumed_sampler_rounds
 from grpo_plugins.budgets import apportion
 from grpo_plugin_gdro import bin_distribution, difficulty_bins, draw_by_bins, hedge_update, sqrt_rule_weights
@@ -48,12 +48,23 @@ def test_card_hedge_step():
     assert method.bins(torch.tensor([1, 5, 9])).tolist() == [0, 1, 0]  # 1 now seen with p = 0; 9 unseen
 
 
+class RewardsAsAdvantages(Method):
+    """An advantage estimator for the tests that accepts groups of one: the reward itself."""
+
+    name = "rewards_as_advantages"
+
+    @hookimpl
+    def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:
+        return batch.rewards
+
+
 def test_card_square_root_allocation():
     # q = [.8, .2], p = [.5, .5], 4 prompts each, n in [1, 64], budget 64 -> [11, 5]
     bins = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     weights = sqrt_rule_weights(torch.tensor([0.8, 0.2]), torch.full((8,), 0.5), bins, variance_floor=0.05)
     assert apportion(weights, 64, 1, 64).tolist() == [11] * 4 + [5] * 4
-    composition = Composition([{"gdro": {"bin_edges": (0.0, 0.5, 1.0), "min_rollouts": 1, "max_rollouts": 64, "mixing": 0.0}}])
+    gdro = {"gdro": {"bin_edges": (0.0, 0.5, 1.0), "min_rollouts": 1, "max_rollouts": 64, "mixing": 0.0}}
+    composition = Composition([gdro, RewardsAsAdvantages()])  # min_rollouts=1: an estimator for groups of one
     method = composition.method("gdro")
     ids = torch.arange(8)
     method.table.set("pass_rate", ids, torch.tensor([0.25] * 4 + [0.75] * 4))
@@ -121,3 +132,57 @@ def test_a_second_prompt_sampler_is_refused_with_the_switch_to_use():
     assert "switch the hook off" in str(error.value)
     composition = Composition([{"gdro": {"use_prompt_gdro": False}}, FirstPrompts()])
     assert composition.providers("sample_prompts") == ["first_prompts"]
+
+
+def test_one_rollout_per_prompt_refuses_grpo_at_start_up():
+    """min_rollouts=1: pass rates [0, 0, 1, 1] give counts [3, 3, 1, 1]; grpo cannot normalise a group of one."""
+    config = {"gdro": {"bin_edges": (0.0, 0.5, 1.0), "min_rollouts": 1, "mixing": 0.0}}
+    with pytest.raises(CompositionError, match="'gdro' cannot run together with method 'grpo'.*min_rollouts=1"):
+        Composition([config])
+    composition = Composition([config, RewardsAsAdvantages()])
+    method = composition.method("gdro")
+    method.table.set("pass_rate", torch.arange(4), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    method.table.set("seen", torch.arange(4), True)
+    method.log_weights = torch.log(torch.tensor([0.9, 0.1], dtype=torch.float64))
+    # q = [.9, .1]; sigma^2 = 0 + .05 in both bins -> n ∝ sqrt(q) = 3 : 1, budget 8 -> [3, 3, 1, 1]
+    assert composition.rollout_counts(plan(4, 8, 4), torch.arange(4)).tolist() == [3, 3, 1, 1]
+    assert Composition([{"gdro": {"min_rollouts": 1, "use_rollout_gdro": False}}]).providers("compute_advantages") == ["grpo"]
+
+
+def test_sampling_survives_an_underflowed_bin_weight():
+    """mixing=0: the only occupied bins trail by 800 and 801 in log-weight (softmax over all bins gives 0 there);
+    restricted to the occupied bins q = softmax([-800, -801]) = [.731, .269]."""
+    composition = Composition([{"gdro": {"bin_edges": (0.0, 0.3, 0.6, 1.0), "mixing": 0.0, "use_rollout_gdro": False}}])
+    method = composition.method("gdro")
+    method.log_weights = torch.tensor([0.0, -800.0, -801.0], dtype=torch.float64)
+    method.table.set("pass_rate", torch.arange(10), torch.tensor([0.4] * 5 + [0.9] * 5))
+    method.table.set("seen", torch.arange(10), True)
+    occupied = torch.tensor([False, True, True])
+    q = bin_distribution(method.log_weights, 0.0, occupied)
+    assert q.tolist() == pytest.approx([0.0, math.e / (math.e + 1), 1 / (math.e + 1)])
+    chosen = composition.run_sample_prompts(plan(4, 16, 10), torch.Generator().manual_seed(0))
+    assert chosen.numel() == 4 and bool((method.bins(chosen) > 0).all())
+    # with mixing the restricted q is the mixed q renormalised over the occupied bins
+    mixed = bin_distribution(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), 0.3, occupied)
+    full = bin_distribution(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), 0.3)
+    assert mixed.tolist() == pytest.approx([0.0, *(full[1:] / full[1:].sum()).tolist()])
+
+
+def test_pass_rates_are_read_before_reward_shaping():
+    """A shaper that scales every reward by 0.89: an all-correct prompt still records pass rate 1."""
+    composition = Composition([ScaleRewards(), "gdro"])
+    batch = GRPOBatch(prompt_ids=torch.tensor([3, 3, 4, 4]), rewards=torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    composition.run_advantage_stage(batch)
+    composition.run_observe(batch, 1)
+    assert batch.rewards.tolist() == pytest.approx([0.89, 0.89, 0.89, 0.0])
+    assert composition.method("gdro").table.get("pass_rate", torch.tensor([3, 4])).tolist() == [1.0, 0.5]
+
+
+class ScaleRewards(Method):
+    """A reward shaper for the tests: every reward times 0.89."""
+
+    name = "scale_rewards"
+
+    @hookimpl
+    def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
+        return rewards * 0.89

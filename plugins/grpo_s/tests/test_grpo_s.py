@@ -8,12 +8,23 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import BatchError, Composition, ConfigError, GRPOBatch, PluginError
+from grpo_plugins import BatchError, Composition, CompositionError, ConfigError, GRPOBatch, Method, PluginError, hookimpl
 from grpo_plugins.config import undeclared_domains
+from grpo_plugins.ops import group_normalize
 from grpo_plugins.testing import make_batch
-from grpo_plugin_grpo_s import GRPOSConfig, data_hardness, difficulty_scale, first_of_group, model_responsiveness
+from grpo_plugin_grpo_s import GRPOS, GRPOSConfig, data_hardness, difficulty_scale, first_of_group, model_responsiveness
 
 MEAN_CENTRED = {"grpo": {"scale": "none"}}
+
+
+class MeanCentred(Method):
+    """A mean-centred advantage estimator for the tests (Dr. GRPO's A = r - group mean), not the built-in grpo."""
+
+    name = "mean_centred"
+
+    @hookimpl
+    def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:
+        return group_normalize(batch.rewards, batch.group_index, batch.num_groups, scale_by_std=False)
 
 
 def sigmoid(x: float) -> float:
@@ -45,7 +56,7 @@ def test_card_worked_example_reward_form():
     """e(x) orthogonal to e(x_ref): h_data = 1; gap 0: h_model = .5; s = 2.5. Rewards [0, 1] -> [0, 2.5];
     mean-centred advantages [-1.25, +1.25] instead of [-.5, +.5]."""
     batch = row_batch([1, 1], [0.0, 1.0], [ORTHOGONAL] * 2)
-    composition = Composition([MEAN_CENTRED, {"grpo_s": {"apply_to": "reward"}}])
+    composition = Composition([MeanCentred(), {"grpo_s": {"apply_to": "reward"}}])
     composition.run_advantage_stage(batch)
     torch.testing.assert_close(batch.rewards, torch.tensor([0.0, 2.5]))
     torch.testing.assert_close(batch.advantages, torch.tensor([-1.25, 1.25]))
@@ -63,10 +74,15 @@ def test_card_worked_example_advantage_form_is_identical_under_mean_centring():
 
 
 def test_under_std_normalisation_only_the_advantage_form_keeps_the_scale():
-    """GRPO's z-score of [0, 1] is +-1/sqrt(2). The reward form's factor cancels; the advantage form gives 2.5x."""
+    """GRPO's z-score of [0, 1] is +-1/sqrt(2). The reward form's factor would cancel: it is refused at start-up
+    with the built-in grpo (under any scale) and with gdpo; the advantage form gives 2.5x."""
     z = 1 / math.sqrt(2)
-    by_reward = Composition([{"grpo_s": {"apply_to": "reward"}}]).run_advantage_stage(row_batch([1, 1], [0.0, 1.0], [ORTHOGONAL] * 2))
-    torch.testing.assert_close(by_reward.advantages, torch.tensor([-z, z]), rtol=1e-5, atol=1e-5)
+    for estimator in ([], [MEAN_CENTRED]):
+        with pytest.raises(CompositionError, match=r"'grpo_s' cannot run together with method 'grpo'.*cancels "
+                                                   r"exactly.*set apply_to='advantage'"):
+            Composition([*estimator, {"grpo_s": {"apply_to": "reward"}}])
+    assert "gdpo" in GRPOS(GRPOSConfig(apply_to="reward")).needs().excludes
+    assert GRPOS().needs().excludes == frozenset()
     by_advantage = Composition(["grpo_s"]).run_advantage_stage(row_batch([1, 1], [0.0, 1.0], [ORTHOGONAL] * 2))
     torch.testing.assert_close(by_advantage.advantages, torch.tensor([-2.5 * z, 2.5 * z]), rtol=1e-5, atol=1e-5)
 
@@ -94,7 +110,29 @@ def test_pure_functions():
     got = model_responsiveness(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 2.0, 1.0]), index, 2, sharpness=3.0)
     torch.testing.assert_close(got, torch.tensor([sigmoid(1.5), sigmoid(-6.0), sigmoid(1.5)]))
     torch.testing.assert_close(difficulty_scale(torch.tensor([0.5]), torch.tensor([0.25]), 2.0, 4.0), torch.tensor([3.0]))
-    assert first_of_group(torch.tensor([1, 0, 1, 2, 0]), 3).tolist() == [0, 1, 0, 3, 1]
+    assert first_of_group(torch.tensor([1, 0, 1, 2, 0]), 3).tolist() == [1, 0, 3]
+
+
+class CountingRow(dict):
+    """A dataset row that counts the reads of its values."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        CountingRow.reads += 1
+        return super().__getitem__(key)
+
+
+def test_columns_are_read_once_per_prompt_not_once_per_completion():
+    """Two prompts of 3 and 2 completions, three columns: 2 x 3 = 6 reads (not 5 x 3 = 15)."""
+    rows_1, rows_2 = CountingRow(ORTHOGONAL), CountingRow(prompt_row([1.0, 1.0], [2.0, 2.0], 0.0))
+    prompt_ids = [1, 2, 1, 1, 2]
+    batch = row_batch(prompt_ids, [1.0, 1.0, 0.0, 0.0, 0.0], [rows_1 if p == 1 else rows_2 for p in prompt_ids])
+    CountingRow.reads = 0
+    scale = Composition(["grpo_s"]).method("grpo_s").scale(batch, batch.rewards)
+    assert CountingRow.reads == 6
+    s1, s2 = 1 + 1 + sigmoid(0.5 - 1 / 3), 1 + 0 + sigmoid(0.0 - 0.5)  # h = 1 and 0; r_ref 0.5 and 0
+    torch.testing.assert_close(scale, torch.tensor([s1, s2, s1, s1, s2]))
 
 
 def test_precomputed_hardness_column():
@@ -129,7 +167,7 @@ def test_property_harder_prompt_gets_a_larger_signal_than_under_grpo():
 def test_constant_group_stays_exactly_zero_in_both_forms():
     rows = [ORTHOGONAL] * 5
     for apply_to in ("advantage", "reward"):
-        batch = Composition([{"grpo_s": {"apply_to": apply_to}}]).run_advantage_stage(
+        batch = Composition([MeanCentred(), {"grpo_s": {"apply_to": apply_to}}]).run_advantage_stage(
             row_batch([1, 1, 1, 2, 2], [0.3, 0.3, 0.3, 0.0, 1.0], rows)
         )
         assert batch.advantages[:3].tolist() == [0.0, 0.0, 0.0]
@@ -159,7 +197,6 @@ def test_nan_reward_is_a_clear_error():
         ([prompt_row([1.0, 0.0], [0.0, 1.0], float("nan"))] * 2, "reference_reward_column='reference_reward' holds NaN"),
         ([prompt_row([1.0, 0.0], [0.0, 1.0, 0.0], 0.5)] * 2, "has width 2 but"),
         ([prompt_row([1.0, 0.0], [0.0, 1.0], "high")] * 2, "must hold one number per row"),
-        ([ORTHOGONAL, prompt_row([1.0, 0.0], [0.0, 1.0], 0.9)], "differs between completions of one prompt"),
     ],
 )
 def test_bad_columns_are_clear_errors(rows, message):
@@ -187,6 +224,6 @@ def test_only_the_configured_hook_runs_and_domains_are_declared():
     assert undeclared_domains(GRPOSConfig) == []
     assert Composition(["grpo_s"]).providers("adjust_advantages") == ["grpo_s"]
     assert Composition(["grpo_s"]).providers("shape_rewards") == []
-    reward_form = Composition([{"grpo_s": {"apply_to": "reward"}}])
+    reward_form = Composition([MeanCentred(), {"grpo_s": {"apply_to": "reward"}}])
     assert reward_form.providers("shape_rewards") == ["grpo_s"] and reward_form.providers("adjust_advantages") == []
     assert reward_form.required_fields() == {"rows"}

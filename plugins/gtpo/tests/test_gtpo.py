@@ -288,3 +288,23 @@ def test_real_trl_run_alone_and_composed():
         max_steps=2, num_iterations=2)
     rows = [r for r in composed.state.log_history if "plugins/gtpo/frac_conflict_tokens" in r]
     assert rows and all(math.isfinite(r["loss"]) and r["loss"] != 0 for r in rows)
+
+
+def test_loss_stage_needs_are_declared_and_a_missing_deferred_advantage_is_an_error():
+    from grpo_plugins import TrainerCapabilities
+
+    from grpo_plugin_gtpo import GTPO, GTPOConfig
+
+    assert GTPO().needs().loss_fields == {"entropies", "row_data"}  # 'auto' may defer the rule to the loss
+    assert GTPO(GTPOConfig(entropy_source="sampled")).needs().loss_fields == frozenset()
+    assert GTPO(GTPOConfig(entropy_source="sampled", normalize_by_conflicts=True)).needs().loss_fields == {"row_data"}
+    assert GTPO(GTPOConfig(entropy_filter=False)).needs().loss_fields == frozenset()
+    lacking = TrainerCapabilities.standard("a trainer").without("entropies", "row_data", because="no loss fields")
+    problems = Composition([{"gtpo": {"entropy_source": "policy"}}]).capability_problems(lacking)
+    assert any("'gtpo' needs loss field 'entropies'" in p for p in problems)
+    assert any("'gtpo' needs loss field 'row_data'" in p for p in problems)
+    # a loss micro-batch that lost row_data: a clear error, not the rule silently skipped
+    inputs = LossInputs(log_probs=torch.zeros(1, 2, requires_grad=True), old_log_probs=torch.zeros(1, 2),
+                        advantages=torch.ones(1, 2), mask=torch.ones(1, 2), entropies=torch.zeros(1, 2))
+    with pytest.raises(Exception, match=r"gtpo.*row_data\['gtpo_advantage'\].*missing"):
+        Composition([{"gtpo": {"entropy_source": "policy"}}]).run_loss_stage(inputs, lambda i: torch.zeros_like(i.log_probs))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import Composition, GRPOBatch, LossInputs, LossTotals, PluginError, RunContext
+from grpo_plugins import Composition, GRPOBatch, LossInputs, LossTotals, Method, PluginError, RunContext, hookimpl
 from grpo_plugins.injection import INJECTED_KEY, append_rows, kind_code, parse_rows
 from grpo_plugin_hpt import BAND, RL, SFT, HPT, prompt_modes
 
@@ -176,3 +176,26 @@ def test_config_domains():
     with pytest.raises(Exception, match="gate"):
         Composition([{"hpt": {"gate": -1}}])
     assert HPT().config.sft_coef == 1.0
+
+
+class LowerTheLikelyCorrect(Method):
+    """A shaper for the tests (like unlikeliness): correct rollouts of reward 1 drop to 0.9."""
+
+    name = "lower_the_likely_correct"
+
+    @hookimpl
+    def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
+        return torch.where(rewards >= 1, rewards - 0.1, rewards)
+
+
+def test_modes_come_from_the_trainer_rewards_before_shaping():
+    """Rewards [1, 1, 1, 0] x 2 prompts, shaped to 0.9 on the correct ones: both prompts stay RL (3 correct
+    each), nothing is injected and every generated row keeps policy weight 1 (it once turned all to SFT)."""
+    composition = Composition([LowerTheLikelyCorrect(), "hpt"])
+    batch = grouped_batch(correct=(3, 3), size=4)
+    assert composition.run_inject_rows(batch) == []
+    batch = composition.run_advantage_stage(batch)
+    assert batch.rewards.max().item() == pytest.approx(0.9)
+    assert batch.row_data["hpt_policy_weight"].tolist() == [1.0] * 8
+    metrics = composition.pop_metrics()
+    assert metrics["plugins/hpt/rl_prompts"] == 1.0 and metrics["plugins/hpt/sft_prompts"] == 0.0

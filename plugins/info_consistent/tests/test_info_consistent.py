@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_plugins import BatchError, Composition, CompositionError, GRPOBatch, PluginError, PromptRound
+from grpo_plugins import BatchError, Composition, CompositionError, ConfigError, GRPOBatch, PluginError, PromptRound
 from grpo_plugins.registry import resolve
 from grpo_plugin_info_consistent import (
     agreement_rewards,
@@ -93,7 +93,8 @@ def test_groups_are_the_prompt_ids_not_the_texts():
 
 def test_helpfulness_variants():
     batch = batch_of([1, 1], ["a, b, c", "a"], rewards=[2.0, -1.0])
-    unit_count = Composition([{"info_consistent": {"helpfulness": "unit_count", "target_units": 2, "stability_weight": 0.0}}])
+    config = {"helpfulness": "unit_count", "target_units": 2, "stability_weight": 0.0}
+    unit_count = Composition([{"info_consistent": {**config, "trainer_reward": "ignore"}}])
     unit_count.run_advantage_stage(batch)
     torch.testing.assert_close(batch.rewards, torch.tensor([1.0, 0.5]))  # min(3 / 2, 1), 1 / 2
     batch = batch_of([1, 1], ["a, b, c", "a"], rewards=[2.0, -1.0])
@@ -250,3 +251,24 @@ def test_every_numeric_option_declares_a_domain():
     from grpo_plugin_info_consistent import InfoConsistentConfig
 
     assert undeclared_domains(InfoConsistentConfig) == []
+
+
+def test_a_discarded_trainer_reward_is_refused_added_or_ignored_by_choice():
+    """unit_count with target 2: r_help = [1, 0.5]; trainer rewards [2, -1] were once dropped without a word."""
+    config = {"helpfulness": "unit_count", "target_units": 2, "stability_weight": 0.0}
+    with pytest.raises(PluginError, match=r"info_consistent with helpfulness='unit_count'.*not 0 here \(e.g. 2\)"
+                                          r".*trainer_reward='add'.*'ignore'"):
+        Composition([{"info_consistent": config}]).run_advantage_stage(batch_of([1, 1], ["a, b, c", "a"], rewards=[2.0, -1.0]))
+    added = batch_of([1, 1], ["a, b, c", "a"], rewards=[2.0, -1.0])
+    Composition([{"info_consistent": {**config, "trainer_reward": "add"}}]).run_advantage_stage(added)
+    torch.testing.assert_close(added.rewards, torch.tensor([3.0, -0.5]))  # [1 + 2, 0.5 - 1]
+    zero = batch_of([1, 1], ["a, b, c", "a"], rewards=[0.0, 0.0])  # a placeholder reward of 0 discards nothing
+    Composition([{"info_consistent": config}]).run_advantage_stage(zero)
+    torch.testing.assert_close(zero.rewards, torch.tensor([1.0, 0.5]))
+    with pytest.raises(ConfigError, match="trainer_reward='add' has no meaning with helpfulness='reward'"):
+        Composition([{"info_consistent": {"helpfulness": "reward", "trainer_reward": "add"}}])
+    from grpo_plugins.needs import relation_problems
+    from grpo_plugin_info_consistent import InfoConsistent
+
+    assert "'info_consistent' cannot run together with method 'gdpo'" in relation_problems(
+        {"info_consistent": InfoConsistent().needs()}, ["info_consistent", "gdpo"])[0]

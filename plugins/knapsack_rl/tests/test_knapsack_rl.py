@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from grpo_plugins import Composition, GRPOBatch, PluginError, PromptRound
+from grpo_plugins import Composition, GRPOBatch, Method, PluginError, PromptRound, hookimpl
 from grpo_plugins.registry import resolve
 from grpo_plugin_knapsack_rl import (
     info_gain,
@@ -244,3 +244,25 @@ def test_large_allocation_is_optimal():
     value = lambda units: float(gains.gather(1, units[:, None]).sum())  # noqa: E731
     assert int(greedy.sum()) == int(dp.sum()) == 1_800
     assert value(greedy) == pytest.approx(value(dp), abs=1e-12)
+
+
+class LowerTheLikelyCorrect(Method):
+    """A shaper for the tests (like unlikeliness): correct completions of reward 1 drop to 0.891."""
+
+    name = "lower_the_likely_correct"
+
+    @hookimpl
+    def shape_rewards(self, batch: GRPOBatch, rewards: torch.Tensor) -> torch.Tensor:
+        return torch.where(rewards >= 1, torch.full_like(rewards, 0.891), rewards)
+
+
+def test_success_rates_are_read_before_reward_shaping():
+    """8/8 correct with a shaper: p = 1 (the card's binary rewards), not 0.891; 2/4 correct: p = 0.5."""
+    composition = Composition([LowerTheLikelyCorrect(), {"knapsack_rl": {"robust_epoch_estimation": False}}])
+    batch = GRPOBatch(prompt_ids=torch.tensor([3] * 8 + [4] * 4),
+                      rewards=torch.tensor([1.0] * 8 + [1.0, 1.0, 0.0, 0.0]))
+    composition.run_advantage_stage(batch)
+    composition.run_observe(batch, 1)
+    assert batch.rewards[0].item() == pytest.approx(0.891)
+    p, valid = composition.method("knapsack_rl").estimates(torch.tensor([3, 4]))
+    assert p.tolist() == [1.0, 0.5]

@@ -121,8 +121,21 @@ def test_answer_span_weight():
     inputs.row_data = {"answer_span": torch.tensor([[1, 0, 0, 0, 0, 0], [0] * 6])}
     term = loss_term([{"llds": {"answer_coef": 0.05}}], inputs)
     assert term[0, 0].item() == pytest.approx(0.05 * math.log(1.25), abs=1e-7)
-    with pytest.raises(Exception, match="answer_span"):
+    with pytest.raises(Exception, match=r"llds: answer_coef=0.05 needs row_data\['answer_span'\] \(2, 6\).*missing"
+                                         r".*Another enabled method must attach it"):
         loss_term([{"llds": {"answer_coef": 0.05}}], card_inputs())
+    inputs.row_data = {"answer_span": torch.ones(2, 5)}
+    with pytest.raises(Exception, match=r"answer_span.*of shape \(2, 5\)"):
+        loss_term([{"llds": {"answer_coef": 0.05}}], inputs)
+
+
+def test_answer_coef_declares_the_row_data_it_reads():
+    from grpo_plugins import TrainerCapabilities
+
+    assert Composition(["llds"]).needs()["llds"].loss_fields == frozenset()
+    lacking = TrainerCapabilities.standard("a trainer").without("row_data", because="no row data in the loss")
+    problems = Composition([{"llds": {"answer_coef": 0.05}}]).capability_problems(lacking)
+    assert len(problems) == 1 and "'llds' needs loss field 'row_data'" in problems[0] and "answer_span" in problems[0]
 
 
 def test_distinct_from_grpo_and_metrics():
