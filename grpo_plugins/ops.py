@@ -172,13 +172,12 @@ def global_mean_std(
     return mean, std
 
 
-def global_all_equal(values: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
-    """Scalar bool: whether every element of ``values`` on every rank is the same value (no element at
-    all counts as equal).
+def global_max_min(values: torch.Tensor, parallel: ParallelContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximum and minimum of every element of ``values`` on every rank -> two float64 scalars
+    (``-inf`` and ``+inf`` when no rank has an element).
 
-    Decided exactly from the global maximum and minimum, not from a float variance or mean, which can
-    keep a rounding residue. Each rank fills its own slot with ``(has values, max, min)`` and the slots
-    are summed over the ranks.
+    Through a sum: each rank writes ``(has values, max, min)`` into its own row of a zero
+    ``(world_size, 3)`` table, and a rank without values is skipped through the first column.
     """
     flat = values.reshape(-1)
     slots = flat.new_zeros(parallel.world_size, 3, dtype=torch.float64)
@@ -186,4 +185,12 @@ def global_all_equal(values: torch.Tensor, parallel: ParallelContext) -> torch.T
         slots[parallel.rank] = torch.stack([flat.new_ones(()), flat.max(), flat.min()]).double()
     present, highest, lowest = parallel.all_reduce_sum(slots).unbind(1)
     inf = torch.tensor(float("inf"), dtype=torch.float64, device=slots.device)
-    return torch.where(present > 0, highest, -inf).max() <= torch.where(present > 0, lowest, inf).min()
+    return torch.where(present > 0, highest, -inf).max(), torch.where(present > 0, lowest, inf).min()
+
+
+def global_all_equal(values: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
+    """Scalar bool: whether every element of ``values`` on every rank is the same value (no element at
+    all counts as equal). Decided exactly from :func:`global_max_min`, not from a float variance or
+    mean, which can keep a rounding residue."""
+    highest, lowest = global_max_min(values, parallel)
+    return highest <= lowest

@@ -36,7 +36,7 @@ import torch
 
 from grpo_plugins import FINITE, POSITIVE, GRPOBatch, Method, ParallelContext, hookimpl, option
 from grpo_plugins import Example
-from grpo_plugins.ops import global_mean_std, segment_count, segment_max, segment_min, segment_sum
+from grpo_plugins.ops import global_all_equal, global_mean_std, segment_count, segment_max, segment_min, segment_sum
 
 
 def success_rates(
@@ -68,12 +68,7 @@ def beta_parameters(rates: torch.Tensor, parallel: ParallelContext | None = None
     """
     parallel = parallel or ParallelContext()
     rates = rates.double()
-    # global max and min through a sum: each rank fills its own slot with (has rates, max, min)
-    slots = rates.new_zeros(parallel.world_size, 3)
-    if rates.numel():
-        slots[parallel.rank] = torch.stack([rates.new_tensor(1.0), rates.max(), rates.min()])
-    present, highest, lowest = parallel.all_reduce_sum(slots).unbind(1)
-    all_equal = highest[present > 0].max() <= lowest[present > 0].min() if bool((present > 0).any()) else True
+    all_equal = global_all_equal(rates, parallel)
     count = parallel.all_reduce_sum(rates.new_tensor([rates.numel()]))[0]
     mean, std = global_mean_std(rates, parallel, unbiased=True)
     mean = torch.where(count > 1, mean, torch.zeros_like(mean))
@@ -152,6 +147,7 @@ class BNPO(Method):
     name = "bnpo"
     Config = BNPOConfig
     paper = "https://arxiv.org/abs/2506.02864"
+    plugin_api = ">=1.3,<2"  # grpo_plugins.ops.global_all_equal
 
     @classmethod
     def example(cls) -> Example:

@@ -35,7 +35,7 @@ from grpo_plugins import NON_NEGATIVE, POSITIVE, GRPOBatch, Method, ParallelCont
 from grpo_plugins import Example
 from grpo_plugins.completion_keys import completion_classes, extractor_for
 from grpo_plugins.ops import (
-    global_mean_std, group_normalize, segment_count, segment_max, segment_mean, segment_min, segment_sum,
+    global_all_equal, global_mean_std, group_normalize, segment_count, segment_max, segment_mean, segment_min, segment_sum,
 )
 
 
@@ -56,23 +56,7 @@ def global_advantages(
     parallel = parallel or ParallelContext()
     mean, std = global_mean_std(consistency, parallel)
     normalized = (consistency - mean) / (std + epsilon)
-    highest, lowest = global_max_min(consistency, parallel)
-    return torch.where(highest <= lowest, torch.zeros_like(normalized), normalized)
-
-
-def global_max_min(values: torch.Tensor, parallel: ParallelContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maximum and minimum of ``values`` ``(G,)`` over every rank -> two scalars (``-inf``, ``+inf`` when empty).
-
-    Through a sum: each rank writes ``(1, max, min)`` into its own row of a zero ``(world_size, 3)``
-    table; a rank without values leaves its row 0 and is skipped through that first column.
-    """
-    table = values.new_zeros(parallel.world_size, 3)
-    if values.numel():
-        table[parallel.rank] = torch.stack([values.new_tensor(1.0), values.amax(), values.amin()])
-    present, highest, lowest = parallel.all_reduce_sum(table).unbind(1)
-    present = present > 0
-    inf = torch.full_like(highest, float("inf"))
-    return torch.where(present, highest, -inf).amax(), torch.where(present, lowest, inf).amin()
+    return torch.where(global_all_equal(consistency, parallel), torch.zeros_like(normalized), normalized)
 
 
 def answer_entropy(answer_ids: torch.Tensor, index: torch.Tensor, num_groups: int, base: float = 2.0) -> torch.Tensor:
@@ -167,6 +151,7 @@ class COPO(Method):
     name = "copo"
     Config = COPOConfig
     paper = "https://arxiv.org/abs/2508.04138"
+    plugin_api = ">=1.3,<2"  # grpo_plugins.ops.global_all_equal
 
     @classmethod
     def example(cls) -> Example:
