@@ -211,7 +211,7 @@ class Needs:
         """One readable line per kind of need (for ``grpo-plugins show``)."""
         labels = {"batch_fields": "batch fields", "loss_fields": "loss fields", "features": "trainer features",
                   "columns": "dataset columns", "methods": "methods", "excludes": "excludes methods",
-                  "excludes_hooks": "excludes other methods' hooks", "runs_first": "runs first in hooks",
+                  "excludes_hooks": "excludes other methods implementing", "runs_first": "must run first in hooks",
                   "temperatures": "temperatures", "probes": "old-policy probes", "settings": "settings"}
         out = []
         for key, value in self.as_dict().items():
