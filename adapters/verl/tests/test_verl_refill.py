@@ -75,6 +75,8 @@ def setup_buffer(monkeypatch, methods, metric: str, groups=GROUPS, **settings):
                 scores[-1] = reward
                 key = f"{uid}_{s}_{turn}"
                 rows[key] = {"rm_scores": scores, "response_mask": torch.ones(length, dtype=torch.long),
+                             "responses": torch.randint(3, 50, (length,), generator=gen),
+                             "raw_prompt": [{"role": "user", "content": f"prompt of {uid}"}],
                              "extra_fields": {"reward_extra_info": {"score": reward, "format": fmt, "accuracy": acc}}}
                 partition[key] = {"status": "success"}
     queue = FakeQueue(rows)
