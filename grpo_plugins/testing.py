@@ -80,6 +80,19 @@ def make_batch(
     return batch
 
 
+def method_with(name: str, needs: Any = None, requires: Any = None, **hooks: Callable) -> Method:
+    """A ``Method`` instance called ``name`` whose hooks are the given functions, each taking any subset
+    of its hook's keyword arguments (``method_with("double", shape_rewards=lambda rewards: 2 * rewards)``),
+    with ``needs()`` returning ``needs`` and ``requires()`` returning ``requires`` when given: a stand-in
+    for another method in composition tests."""
+    attrs: dict[str, Any] = {"name": name, **{hook: staticmethod(hookimpl(f)) for hook, f in hooks.items()}}
+    if needs is not None:
+        attrs["needs"] = lambda self: needs
+    if requires is not None:
+        attrs["requires"] = lambda self: set(requires)
+    return type(f"Method_{name}", (Method,), attrs)()
+
+
 class BatchRecorder(Method):
     """A method that changes nothing and keeps every batch ``observe`` sees (``batches``) and its step
     (``steps``); ``needs``: batch fields it requires, so that the adapter fills them."""

@@ -19,13 +19,7 @@ from grpo_plugins import (
 )
 from grpo_plugins.cli import main
 from grpo_plugins.needs import BATCH_FIELDS, FEATURES, PROVIDED_FEATURES, class_needs
-
-
-def named(name: str, needs: Needs | None = None, **hooks) -> Method:
-    attrs = {"name": name, **{hook: staticmethod(hookimpl(function)) for hook, function in hooks.items()}}
-    if needs is not None:
-        attrs["needs"] = lambda self: needs
-    return type(f"Method_{name}", (Method,), attrs)()
+from grpo_plugins.testing import method_with as named
 
 
 class Budgeted(Method):

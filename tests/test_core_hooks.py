@@ -19,16 +19,10 @@ from grpo_plugins import (
 )
 from grpo_plugins.hookspecs import COMBINE, HOOK_NAMES
 from grpo_plugins.testing import make_batch
+from grpo_plugins.testing import method_with as named
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 ROUND = PromptRound(num_prompts=4, budget=10, dataset_size=50, step=3, default_rollouts=2)
-
-
-def named(name: str, **hooks) -> Method:
-    """A Method instance called ``name`` whose hooks are the given functions (any subset of the hook's
-    keyword arguments)."""
-    attrs = {"name": name, **{hook: staticmethod(hookimpl(function)) for hook, function in hooks.items()}}
-    return type(f"Method_{name}", (Method,), attrs)()
 
 
 def loss_inputs(b=3, t=4, seed=0) -> LossInputs:

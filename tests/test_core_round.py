@@ -3,17 +3,10 @@
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, GRPOBatch, Method, PluginError, PromptRound, hookimpl
-from grpo_plugins.testing import make_batch
+from grpo_plugins import Composition, CompositionError, GRPOBatch, Method, PluginError, PromptRound
+from grpo_plugins.testing import make_batch, method_with as named
 
 ROUND = PromptRound(num_prompts=4, budget=12, dataset_size=50, step=3, default_rollouts=3)
-
-
-def named(name: str, requires=(), **hooks) -> Method:
-    attrs = {"name": name, **{hook: staticmethod(hookimpl(function)) for hook, function in hooks.items()}}
-    if requires is not None:
-        attrs["requires"] = lambda self: set(requires)
-    return type(f"Method_{name}", (Method,), attrs)()
 
 
 def sampler(count):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from trl import GRPOTrainer
 
-from grpo_plugins.testing import BatchRecorder
+from grpo_plugins.testing import BatchRecorder, FirstPrompts
 from grpo_plugins import LossInputs, Method, hookimpl
 from grpo_plugins_trl import PluginGRPOConfig, PluginGRPOTrainer
 from grpo_plugins_trl.testing import arithmetic_dataset, exact_answer_reward, tiny_grpo_run, tiny_model, tiny_tokenizer
@@ -94,18 +94,6 @@ def test_every_documented_configuration_builds_a_trainer():
 
 
 # --------------------------------------------------------------------------- prompt ids vs dataset indices
-class FirstPrompts(Method):
-    """Plans each round: the first ``num_prompts`` dataset indices."""
-
-    name = "first_prompts"
-
-    @hookimpl
-    def sample_prompts(self, round, generator):
-        import torch
-
-        return torch.arange(round.num_prompts)
-
-
 def test_a_prompt_id_column_that_is_not_the_row_index_is_refused_with_a_round_planner(tmp_path):
     from grpo_plugins import CompositionError
 

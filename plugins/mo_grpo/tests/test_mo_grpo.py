@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, GRPOBatch, Method, ParallelContext, hookimpl
+from grpo_plugins import Composition, CompositionError, GRPOBatch, ParallelContext
+from grpo_plugins.testing import method_with
 from grpo_plugins.errors import BatchError, ConfigError, PluginError
 from grpo_plugin_mo_grpo import MOGRPO, global_correlation
 
@@ -159,17 +160,10 @@ def test_config_domains():
         Composition([{"mo_grpo": {"clip_range": [1, 0]}}])
 
 
-class EarlierShaper(Method):
-    name = "earlier_shaper"
-
-    @hookimpl
-    def shape_rewards(self, rewards):
-        return rewards + 1
-
-
 def test_a_reward_shaper_listed_before_it_is_refused_at_start_up():
     """It rebuilds the reward from the components: an earlier shaping would be lost (Needs.runs_first)."""
+    shaper = method_with("earlier_shaper", shape_rewards=lambda rewards: rewards + 1)
     with pytest.raises(CompositionError, match=r"'mo_grpo' must run first among the methods implementing hook "
                                                r"'shape_rewards'.*method 'earlier_shaper' is listed before it"):
-        Composition([EarlierShaper(), "mo_grpo"])
-    assert Composition(["mo_grpo", EarlierShaper()]).providers("shape_rewards") == ["mo_grpo", "earlier_shaper"]
+        Composition([shaper, "mo_grpo"])
+    assert Composition(["mo_grpo", shaper]).providers("shape_rewards") == ["mo_grpo", "earlier_shaper"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, GRPOBatch, LossInputs, LossTotals, Method, hookimpl
+from grpo_plugins import Composition, CompositionError, GRPOBatch, LossInputs, LossTotals
+from grpo_plugins.testing import method_with
 
 
 def run(log_pi, old, rewards, group, mask=None, config=None):
@@ -102,15 +103,8 @@ def test_fully_masked_row_left_out_of_z_statistics():
     assert losses.tolist() == pytest.approx([0.1167, 2.0944, 0.1167, 2.0944, 0.0], abs=1e-4)
 
 
-class TokenWeights(Method):
-    name = "token_weights"
-
-    @hookimpl
-    def mask_tokens(self, batch):
-        return batch.token_mask
-
-
 def test_token_weights_on_the_replaced_policy_loss_are_refused():
+    weights = method_with("token_weights", mask_tokens=lambda batch: batch.token_mask)
     with pytest.raises(CompositionError, match=r"'reg_grpo' cannot run together with method 'token_weights', which "
                                                r"implements hook 'mask_tokens'"):
-        Composition(["reg_grpo", TokenWeights()])
+        Composition(["reg_grpo", weights])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_plugins import Composition, CompositionError, GRPOBatch, Method, hookimpl
+from grpo_plugins import Composition, CompositionError, GRPOBatch
+from grpo_plugins.testing import method_with
 from grpo_plugins.errors import BatchError, ConfigError, PluginError
 from grpo_plugin_s_grpo import SGRPO
 
@@ -175,17 +176,10 @@ def test_config_domains():
     assert SGRPO().requires() == {"rows"}
 
 
-class EarlierShaper(Method):
-    name = "earlier_shaper"
-
-    @hookimpl
-    def shape_rewards(self, rewards):
-        return rewards + 1
-
-
 def test_a_reward_shaper_listed_before_it_is_refused_at_start_up():
     """It rebuilds the reward from the components: an earlier shaping would be lost (Needs.runs_first)."""
+    shaper = method_with("earlier_shaper", shape_rewards=lambda rewards: rewards + 1)
     with pytest.raises(CompositionError, match=r"'s_grpo' must run first among the methods implementing hook "
                                                r"'shape_rewards'.*method 'earlier_shaper' is listed before it"):
-        Composition([EarlierShaper(), "s_grpo"])
-    assert Composition(["s_grpo", EarlierShaper()]).providers("shape_rewards") == ["s_grpo", "earlier_shaper"]
+        Composition([shaper, "s_grpo"])
+    assert Composition(["s_grpo", shaper]).providers("shape_rewards") == ["s_grpo", "earlier_shaper"]
