@@ -97,6 +97,7 @@ class GDPO(Method):
     name = "gdpo"
     Config = GDPOConfig
     paper = "https://arxiv.org/abs/2601.05242"
+    plugin_api = ">=1.3,<2"  # GRPOBatch.unshaped_rewards
 
     @hookimpl
     def compute_advantages(self, batch: GRPOBatch) -> torch.Tensor:

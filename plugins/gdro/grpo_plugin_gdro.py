@@ -152,6 +152,7 @@ class GDRO(Method):
     name = "gdro"
     Config = GDROConfig
     paper = ""  # the arXiv id was not found (Tencent, January 2026); see the docs page
+    plugin_api = ">=1.3,<2"  # GRPOBatch.unshaped_rewards
 
     def __init__(self, config=None):
         super().__init__(config)

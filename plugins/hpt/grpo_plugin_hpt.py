@@ -116,7 +116,7 @@ class HPT(Method):
     name = "hpt"
     Config = HPTConfig
     paper = "https://arxiv.org/abs/2509.04419"
-    plugin_api = ">=1.1,<2"
+    plugin_api = ">=1.3,<2"  # GRPOBatch.unshaped_rewards
 
     @classmethod
     def example(cls) -> Example:

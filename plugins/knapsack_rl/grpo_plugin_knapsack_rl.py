@@ -297,6 +297,7 @@ class KnapsackRL(Method):
     name = "knapsack_rl"
     Config = KnapsackRLConfig
     paper = "https://arxiv.org/abs/2509.25849"
+    plugin_api = ">=1.3,<2"  # GRPOBatch.unshaped_rewards
 
     @classmethod
     def example(cls) -> Example:
